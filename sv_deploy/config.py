@@ -1,0 +1,144 @@
+"""Typed configuration saved inside every model file (no dicts of magic keys, no absolute paths)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+Factors = Tuple[int, int, int]
+Shape3 = Tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """One FSRCNN-style stage (GUIDE.md section 1)."""
+
+    features: int = 16
+    shrink: int = 6
+    mid_layers: int = 4
+    groups: int = 1
+
+    def halo(self) -> int:
+        """Receptive-field radius in LR voxels: k5 (2) + shrink (1) + mid (m) + expansion (1)."""
+        return self.mid_layers + 4
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Percentile normalization, computed once per volume (CSBDeep convention)."""
+
+    low_percentile: float = 1.0
+    high_percentile: float = 99.8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Per-stage training recipe; patch is (z, y, x) at the stage's input resolution."""
+
+    steps: int = 400
+    batch: int = 8
+    patch: Shape3 = (16, 48, 48)
+    lr: float = 1e-3
+    seed: int = 0
+    val_every: int = 25
+    val_patches: int = 32
+
+    @classmethod
+    def paper(cls, seed: int = 0) -> "TrainConfig":
+        """The Self-Vision authors' recipe: 1500 steps, batch 8, 8x64x64 patches, lr 1e-3."""
+        return cls(steps=1500, batch=8, patch=(8, 64, 64), lr=1e-3, seed=seed)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What training one stage achieved, kept as provenance."""
+
+    factors: Factors
+    steps: int
+    best_step: int
+    final_train_loss: float
+    best_val_loss: float
+    interp_val_loss: float
+    gain_db: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    input_name: str
+    input_sha256: str
+    input_shape: Shape3
+    input_dtype: str
+    stages: Tuple[StageReport, ...]
+    duration_s: float
+    device: str
+    created: str
+    versions: Tuple[Tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild and apply a trained model."""
+
+    stages: Tuple[Factors, ...]
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    norm_values: Tuple[float, float] = (0.0, 1.0)  # training input's (low, high) percentiles
+    axes: str = "ZYX"
+    voxel_size: Tuple[Optional[float], Optional[float], Optional[float]] = (None, None, None)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    provenance: Optional[Provenance] = None
+
+    def total_factors(self) -> Factors:
+        z = y = x = 1
+        for fz, fy, fx in self.stages:
+            z, y, x = z * fz, y * fy, x * fx
+        return (z, y, x)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return _build(cls, json.loads(text))
+
+
+def _build(cls: Any, data: Any) -> Any:
+    """Rebuild nested frozen dataclasses from asdict() output (lists become tuples)."""
+    if data is None:
+        return None
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _convert(_field_type(cls, f.name), data[f.name])
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ModelConfig, "arch"): ArchConfig,
+    (ModelConfig, "norm"): NormConfig,
+    (ModelConfig, "train"): TrainConfig,
+    (ModelConfig, "provenance"): Provenance,
+    (Provenance, "stages"): (StageReport,),
+}
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    return _NESTED.get((cls, name))
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    if kind is None:
+        return _tuplify(value)
+    if isinstance(kind, tuple):
+        return tuple(_build(kind[0], v) for v in value)
+    return _build(kind, value)
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value

@@ -1,0 +1,110 @@
+"""Apply a trained model to a whole volume: tiles with a halo, self-ensemble, back-projection.
+
+Everything here works on normalized float32 arrays; file formats and dtypes stay at the edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from .backends import Backend
+from .config import ArchConfig, Factors, Shape3
+from .geometry import ensemble_transforms, forward, inverse
+from .resize import downsample, upsample
+from .tiling import Tile, plan_tiles, slabs, to_slices, total_halo
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    ensemble: bool = True
+    bp_iters: int = 10
+    tile: Shape3 = (32, 96, 96)  # LR core per tile; the halo is added around it
+
+
+def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int) -> np.ndarray:
+    """Iterative back-projection: make y consistent with the LR data under the degradation model."""
+    for _ in range(iters):
+        y = y + upsample(lr - downsample(y, factors), factors)
+    return y
+
+
+def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) -> np.ndarray:
+    """Mean of the backend's outputs over the transforms, each undone; same-shape members batched."""
+    total = None
+    for parity in (0, 1):
+        group = [t for t in transforms if t[0] % 2 == parity]
+        if not group:
+            continue
+        batch = np.stack([forward(x, t) for t in group])[:, None]
+        out = backend.predict(stage, batch)[:, 0]
+        for t, y in zip(group, out):
+            y = inverse(y, t)
+            total = y.copy() if total is None else total + y
+    return total / len(transforms)
+
+
+def enhance_block(
+    backend: Backend, stages: Sequence[Factors], x: np.ndarray, options: InferenceOptions
+) -> np.ndarray:
+    """All stages on one normalized block, no tiling (the reference the tiled path must equal)."""
+    for i, factors in enumerate(stages):
+        transforms = ensemble_transforms(factors, options.ensemble)
+        y = predict_ensemble(backend, i, x, transforms)
+        x = back_project(y, x, factors, options.bp_iters)
+    return x.astype(np.float32, copy=False)
+
+
+def _total(stages: Sequence[Factors]) -> Factors:
+    return tuple(int(np.prod([s[a] for s in stages])) for a in range(3))  # type: ignore
+
+
+def iter_slabs(
+    backend: Backend,
+    stages: Sequence[Factors],
+    arch: ArchConfig,
+    volume: np.ndarray,
+    options: InferenceOptions,
+    progress: bool = False,
+) -> Iterator[Tuple[Tuple[int, int], np.ndarray]]:
+    """Yield (z span in output, slab) for consecutive z-slabs of the enhanced volume.
+
+    Peak memory is one slab plus one tile, whatever the output size.
+    """
+    factors = _total(stages)
+    halo = total_halo(stages, arch, options.bp_iters)
+    tiles = plan_tiles(volume.shape, options.tile, halo, factors)
+    out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
+    bar = tqdm(total=len(tiles), desc="enhance", unit="tile", disable=not progress, leave=False)
+    try:
+        for group in slabs(tiles):
+            z0, z1 = group[0].out[0]
+            slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
+            for tile in group:
+                _fill(slab, tile, enhance_block(backend, stages, volume[to_slices(tile.read)], options))
+                bar.update(1)
+            yield (z0, z1), slab
+    finally:
+        bar.close()
+
+
+def _fill(slab: np.ndarray, tile: Tile, result: np.ndarray) -> None:
+    kept = result[to_slices(tile.crop)]
+    (_, _), (y0, y1), (x0, x1) = tile.out
+    slab[:, y0:y1, x0:x1] = kept
+
+
+def enhance_volume(
+    backend: Backend,
+    stages: Sequence[Factors],
+    arch: ArchConfig,
+    volume: np.ndarray,
+    options: InferenceOptions,
+    progress: bool = False,
+) -> np.ndarray:
+    """Whole enhanced volume in memory (training's stage chaining, tests, small data)."""
+    parts = [slab for _, slab in iter_slabs(backend, stages, arch, volume, options, progress)]
+    return np.concatenate(parts, axis=0)

@@ -1,0 +1,76 @@
+"""The Self-Vision network: FSRCNN-style 3D stage with a sub-pixel (pixel shuffle) output.
+
+Each stage predicts a residual over fixed cubic interpolation, expressed in the same sub-pixel
+form (a constant conv to r_z*r_y*r_x phases), so the whole stage stays `convs -> one pixel shuffle`
+for export, and a network that learns nothing still returns interpolation instead of zeros
+(the failure seen with the authors' code, GUIDE.md section 1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ArchConfig, Factors
+from .resize import phase_weights
+
+
+def pixel_shuffle_3d(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """(N, C*rz*ry*rx, D, H, W) -> (N, C, D*rz, H*ry, W*rx); channel = (i*ry + j)*rx + k."""
+    rz, ry, rx = (int(f) for f in factors)
+    n, c, d, h, w = x.shape
+    oc = c // (rz * ry * rx)
+    x = x.reshape(n, oc, rz, ry, rx, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(n, oc, d * rz, h * ry, w * rx)
+
+
+def interpolation_kernel(factors: Sequence[int]) -> np.ndarray:
+    """Conv weights (rz*ry*rx, 1, kz, ky, kx) whose pixel shuffle is cubic interpolation.
+
+    Axes with factor 1 get a 1-tap identity so 2D data (depth 1) needs no z padding.
+    """
+    per_axis = [phase_weights(f) if f > 1 else np.ones((1, 1), np.float32) for f in factors]
+    wz, wy, wx = per_axis
+    k = np.einsum("ia,jb,kc->ijkabc", wz, wy, wx)
+    return k.reshape(-1, 1, *k.shape[3:]).astype(np.float32)
+
+
+class SVStage(nn.Module):
+    def __init__(self, factors: Factors, arch: ArchConfig = ArchConfig()):
+        super().__init__()
+        self.factors = tuple(int(f) for f in factors)
+        phases = int(np.prod(self.factors))
+        a = arch
+        self.extract = nn.Sequential(nn.Conv3d(1, a.features, 5, padding=2), nn.PReLU(a.features))
+        self.shrink = nn.Sequential(nn.Conv3d(a.features, a.shrink, 3, padding=1), nn.PReLU(a.shrink))
+        mid = []
+        for _ in range(a.mid_layers):
+            mid += [nn.Conv3d(a.shrink, a.shrink, 3, padding=1, groups=a.groups), nn.PReLU(a.shrink)]
+        self.mid = nn.Sequential(*mid)
+        self.expand = nn.Conv3d(a.shrink, phases, 3, padding=1)
+        # Start as plain interpolation: the residual branch begins near zero.
+        nn.init.normal_(self.expand.weight, std=1e-3)
+        nn.init.zeros_(self.expand.bias)
+        kernel = torch.from_numpy(interpolation_kernel(self.factors))
+        self.register_buffer("interp_weight", kernel, persistent=False)
+        self.interp_pad = tuple(p for k in reversed(kernel.shape[2:]) for p in (k // 2, k // 2))
+
+    def interpolate_phases(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
+
+    def residual_phases(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.mid(self.shrink(self.extract(x))))
+
+    def interpolate(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle_3d(self.interpolate_phases(x), self.factors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle_3d(self.residual_phases(x) + self.interpolate_phases(x), self.factors)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

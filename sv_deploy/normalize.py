@@ -1,0 +1,37 @@
+"""Percentile normalization, computed once per volume and undone on output."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .config import NormConfig
+
+MAX_SAMPLES = 4_000_000  # percentiles of huge volumes come from a strided subsample
+
+
+def percentiles(volume: np.ndarray, norm: NormConfig) -> Tuple[float, float]:
+    flat = volume.reshape(-1)
+    if flat.size > MAX_SAMPLES:
+        flat = flat[:: flat.size // MAX_SAMPLES]
+    low, high = np.percentile(flat, [norm.low_percentile, norm.high_percentile])
+    low, high = float(low), float(high)
+    if high <= low:  # sparse data (beads): the high percentile can sit on the background
+        high = float(flat.max())
+    return low, high
+
+
+def normalize(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    scale = 1.0 / (high - low)
+    return ((volume.astype(np.float32) - np.float32(low)) * np.float32(scale)).astype(np.float32)
+
+
+def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.ndarray:
+    """Back to the input's units; integer dtypes are rounded and clamped to their range."""
+    out = volume.astype(np.float32) * np.float32(high - low) + np.float32(low)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(dtype)

@@ -1,0 +1,115 @@
+"""MATLAB-style cubic resize with antialiasing, one axis at a time.
+
+This is the degradation model (how training pairs are made) and the kernel pair of the
+back-projection. Each axis is a dense (out x in) matrix built once per length and factor, so the
+same weights serve training patches, tiles and whole volumes, and tests can inspect them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from math import ceil, floor
+from typing import Sequence
+
+import numpy as np
+
+KERNEL_WIDTH = 4.0  # Keys cubic support, in input samples at scale 1
+
+
+def cubic(x: np.ndarray) -> np.ndarray:
+    """Keys cubic convolution kernel with a = -0.5 (MATLAB's imresize 'cubic')."""
+    ax = np.abs(x)
+    ax2, ax3 = ax * ax, ax * ax * ax
+    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1) + (
+        -0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0
+    ) * ((ax > 1) & (ax <= 2))
+
+
+def output_length(in_length: int, scale: float) -> int:
+    return int(ceil(in_length * scale - 1e-9))
+
+
+@lru_cache(maxsize=256)
+def resize_matrix(in_length: int, scale: float, antialias: bool = True) -> np.ndarray:
+    """Weights W (out x in) so that out = W @ in along one axis; symmetric boundary.
+
+    Follows imresize's `contributions`: output sample x (1-based) sits at input coordinate
+    u = x/scale + 0.5*(1 - 1/scale); when shrinking with antialiasing the kernel is widened by
+    1/scale. Indices outside [1, in_length] mirror back (half-sample symmetric).
+    """
+    out_length = output_length(in_length, scale)
+    width = KERNEL_WIDTH
+    if scale < 1 and antialias:
+        def kernel(t):
+            return scale * cubic(scale * t)
+        width = width / scale
+    else:
+        kernel = cubic
+    x = np.arange(1, out_length + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1.0 - 1.0 / scale)
+    left = np.floor(u - width / 2.0)
+    taps = int(ceil(width)) + 2
+    ind = left[:, None] + np.arange(taps)[None, :]
+    weights = kernel(u[:, None] - ind)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_length), np.arange(in_length)[::-1]])
+    cols = mirror[np.mod(ind.astype(np.int64) - 1, 2 * in_length)]
+    matrix = np.zeros((out_length, in_length), dtype=np.float64)
+    rows = np.repeat(np.arange(out_length), taps)
+    np.add.at(matrix, (rows, cols.ravel()), weights.ravel())
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+def resize(x: np.ndarray, scales: Sequence[float], antialias: bool = True) -> np.ndarray:
+    """Resize the last len(scales) axes of x by the given per-axis scales (1 = untouched)."""
+    x = np.asarray(x, dtype=np.float32)
+    first = x.ndim - len(scales)
+    for offset, scale in enumerate(scales):
+        if scale == 1:
+            continue
+        axis = first + offset
+        w = resize_matrix(x.shape[axis], float(scale), antialias)
+        x = np.moveaxis(np.tensordot(w, x, axes=([1], [axis])), 0, axis)
+    return np.ascontiguousarray(x)
+
+
+def downsample(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """The degradation model: antialiased cubic shrink by integer factors per axis."""
+    return resize(x, [1.0 / f for f in factors])
+
+
+def upsample(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Cubic interpolation by integer factors per axis (the 'tricubic' baseline)."""
+    return resize(x, [float(f) for f in factors])
+
+
+def phase_weights(factor: int, taps: int = 5) -> np.ndarray:
+    """Cubic weights (factor x taps) for each sub-voxel phase over LR offsets -taps//2..taps//2.
+
+    Equals the rows of resize_matrix away from borders: output sub-voxel i of LR voxel s sits at
+    LR coordinate s + (i + 0.5)/factor - 0.5, always within half a voxel of s.
+    """
+    half = taps // 2
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    u = (np.arange(factor) + 0.5) / factor - 0.5
+    w = cubic(u[:, None] - offsets[None, :])
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def support_radius(factor: int) -> int:
+    """LR voxels one down+up round trip can reach, for halo bookkeeping (conservative)."""
+    return 0 if factor == 1 else 5
+
+
+__all__ = [
+    "cubic",
+    "downsample",
+    "output_length",
+    "phase_weights",
+    "resize",
+    "resize_matrix",
+    "support_radius",
+    "upsample",
+]

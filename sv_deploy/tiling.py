@@ -1,0 +1,83 @@
+"""Tile plans: cores that cover the LR volume, each read with a halo and cropped after upsampling.
+
+Pure arithmetic, so tiled == whole-volume can be reasoned about and tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+from typing import Iterator, List, Sequence, Tuple
+
+from .config import ArchConfig, Factors, Shape3
+from .resize import support_radius
+
+Span = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Tile:
+    read: Tuple[Span, Span, Span]  # LR region read, halo included
+    core: Tuple[Span, Span, Span]  # LR region this tile is responsible for
+    crop: Tuple[Span, Span, Span]  # region of the upsampled tile to keep (HR, tile-relative)
+    out: Tuple[Span, Span, Span]  # where the kept region goes in the HR volume
+
+
+def stage_radius(factors: Factors, arch: ArchConfig, bp_iters: int) -> Shape3:
+    """Per-axis dependency radius of one stage (network + back-projection) in its input voxels."""
+    return tuple(arch.halo() + bp_iters * support_radius(f) for f in factors)  # type: ignore
+
+
+def total_halo(stages: Sequence[Factors], arch: ArchConfig, bp_iters: int) -> Shape3:
+    """Halo in LR voxels for a chain of stages: later stages' radii shrink by earlier factors."""
+    halo = [0, 0, 0]
+    scale = [1, 1, 1]
+    for factors in stages:
+        radius = stage_radius(factors, arch, bp_iters)
+        for a in range(3):
+            halo[a] += ceil(radius[a] / scale[a])
+            scale[a] *= factors[a]
+    return tuple(halo)  # type: ignore
+
+
+def _axis_spans(length: int, core: int) -> List[Span]:
+    core = max(1, min(core, length))
+    count = ceil(length / core)
+    # Even split, so no sliver tile at the end.
+    edges = [round(i * length / count) for i in range(count + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def plan_tiles(shape: Shape3, core: Shape3, halo: Shape3, factors: Factors) -> List[Tile]:
+    """Tiles in z-major order, so a z-slab of output is complete before the next begins."""
+    tiles = []
+    per_axis = [_axis_spans(shape[a], core[a]) for a in range(3)]
+    for sz in per_axis[0]:
+        for sy in per_axis[1]:
+            for sx in per_axis[2]:
+                spans = (sz, sy, sx)
+                read, crop, out = [], [], []
+                for a, (s, e) in enumerate(spans):
+                    r0, r1 = max(0, s - halo[a]), min(shape[a], e + halo[a])
+                    f = factors[a]
+                    read.append((r0, r1))
+                    crop.append(((s - r0) * f, (e - r0) * f))
+                    out.append((s * f, e * f))
+                tiles.append(Tile(tuple(read), spans, tuple(crop), tuple(out)))  # type: ignore
+    return tiles
+
+
+def slabs(tiles: Sequence[Tile]) -> Iterator[List[Tile]]:
+    """Group tiles by their z core span (plan_tiles order)."""
+    group: List[Tile] = []
+    for t in tiles:
+        if group and group[0].core[0] != t.core[0]:
+            yield group
+            group = []
+        group.append(t)
+    if group:
+        yield group
+
+
+def to_slices(spans: Sequence[Span]) -> Tuple[slice, ...]:
+    return tuple(slice(s, e) for s, e in spans)

@@ -1,0 +1,165 @@
+"""Self-supervised training on one volume: the volume is the high-resolution side of its own pairs."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backends import TorchBackend
+from .config import ArchConfig, Factors, Shape3, StageReport, TrainConfig
+from .enhance import InferenceOptions, enhance_volume
+from .errors import UserError
+from .model import SVStage
+from .resize import downsample
+
+MIN_LR_PATCH_YX = 8
+DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not learn
+
+
+def fit_patch(shape: Shape3, patch: Shape3, factors: Factors) -> Shape3:
+    """Largest patch <= the requested one that fits the volume and divides by the factors."""
+    out = []
+    for a, (n, p, f) in enumerate(zip(shape, patch, factors)):
+        size = (min(n, p) // f) * f
+        need = f * (MIN_LR_PATCH_YX if a > 0 else (2 if f > 1 else 1))
+        if size < need:
+            minimum = tuple(
+                f2 * (MIN_LR_PATCH_YX if a2 > 0 else (2 if f2 > 1 else 1)) for a2, f2 in enumerate(factors)
+            )
+            raise UserError(
+                f"the volume ({'x'.join(map(str, shape))} z,y,x) is smaller than one training patch for "
+                f"factors {factors} (at least {'x'.join(map(str, minimum))}); use a larger volume or a smaller --scale"
+            )
+        out.append(size)
+    return tuple(out)  # type: ignore
+
+
+def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crops with independent flips on each axis and quarter turns in y-x (square patches only)."""
+    out = np.empty((count, *patch), dtype=np.float32)
+    for i in range(count):
+        start = [int(rng.integers(0, n - p + 1)) for n, p in zip(volume.shape, patch)]
+        crop = volume[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+        for axis in range(3):
+            if rng.random() < 0.5:
+                crop = np.flip(crop, axis)
+        if patch[1] == patch[2]:
+            crop = np.rot90(crop, int(rng.integers(0, 4)), axes=(1, 2))
+        out[i] = crop
+    return out
+
+
+def make_pairs(hr: np.ndarray, factors: Factors) -> Tuple[torch.Tensor, torch.Tensor]:
+    lr = downsample(hr, factors)
+    return torch.from_numpy(lr[:, None]), torch.from_numpy(hr[:, None])
+
+
+def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None) -> float:
+    fn = fn or stage
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, lr.shape[0], chunk):
+            total += float(torch.sum((fn(lr[i : i + chunk]) - hr[i : i + chunk]) ** 2))
+    return total / hr.numel()
+
+
+def train_stage(
+    volume: np.ndarray,
+    factors: Factors,
+    arch: ArchConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    label: str = "train",
+) -> Tuple[SVStage, StageReport]:
+    """Train one stage on a normalized float32 volume; keep the weights best on held-out patches."""
+    start = time.perf_counter()
+    patch = fit_patch(volume.shape, cfg.patch, factors)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    val_lr, val_hr = (t.to(device) for t in make_pairs(sample_patches(volume, patch, cfg.val_patches, rng), factors))
+
+    stage = SVStage(factors, arch).to(device)
+    opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.01)
+    interp_loss = _mse(stage, val_lr, val_hr, cfg.batch, stage.interpolate)
+    best_loss, best_step, best_state = _mse(stage, val_lr, val_hr, cfg.batch), 0, copy.deepcopy(stage.state_dict())
+    train_loss = float("nan")
+    bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", disable=not progress, leave=False)
+    for step in bar:
+        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(volume, patch, cfg.batch, rng), factors))
+        loss = torch.mean((stage(lr_t) - hr_t) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        train_loss = float(loss.detach())
+        if not math.isfinite(train_loss):
+            raise UserError(f"{label}: training diverged (loss {train_loss}); try a lower --lr")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = _mse(stage, val_lr, val_hr, cfg.batch)
+            if val < best_loss:
+                best_loss, best_step, best_state = val, step, copy.deepcopy(stage.state_dict())
+            bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
+    bar.close()
+    stage.load_state_dict(best_state)
+    stage.eval()
+    report = StageReport(
+        factors=tuple(factors),
+        steps=cfg.steps,
+        best_step=best_step,
+        final_train_loss=train_loss,
+        best_val_loss=best_loss,
+        interp_val_loss=interp_loss,
+        gain_db=_db(interp_loss, best_loss),
+        seconds=time.perf_counter() - start,
+    )
+    return stage, report
+
+
+def _db(reference: float, loss: float) -> float:
+    return 10.0 * math.log10(reference / loss) if loss > 0 and reference > 0 else 0.0
+
+
+def is_dead(report: StageReport) -> bool:
+    """The network adds (almost) nothing over its interpolation path on held-out patches."""
+    return report.gain_db < DEAD_GAIN_DB
+
+
+def train_stages(
+    volume: np.ndarray,
+    stages: Sequence[Factors],
+    arch: ArchConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Tuple[List[SVStage], List[StageReport]]:
+    """Train the chain: each later stage learns on the previous stage's float output (no truncation)."""
+    trained, reports = [], []
+    x = volume
+    for i, factors in enumerate(stages):
+        label = f"stage {i + 1}/{len(stages)} x{'x'.join(map(str, factors))}"
+        stage, report = train_stage(x, factors, arch, cfg, device, progress, label)
+        log(
+            f"{label}: {report.steps} steps in {report.seconds:.1f} s, best at step {report.best_step}, "
+            f"validation gain over interpolation {report.gain_db:+.2f} dB"
+        )
+        if is_dead(report):
+            log(
+                f"warning: {label}: the network learned nothing beyond interpolation "
+                f"({report.gain_db:+.2f} dB on held-out patches); the result will be interpolation + "
+                "back-projection. More --steps or a larger input volume usually helps."
+            )
+        trained.append(stage)
+        reports.append(report)
+        if i + 1 < len(stages):
+            backend = TorchBackend([stage], device)
+            x = enhance_volume(backend, [factors], arch, x, InferenceOptions(), progress=progress)
+    return trained, reports

@@ -1,0 +1,260 @@
+"""Reading volumes (TIFF, ImageJ TIFF, OME-TIFF) and writing OME-TIFF without half-written files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+import tifffile
+
+from .errors import UserError
+
+VoxelSize = Tuple[Optional[float], Optional[float], Optional[float]]
+UNKNOWN: VoxelSize = (None, None, None)
+BIGTIFF_BYTES = 2**31  # switch to BigTIFF well before classic TIFF's 4 GiB limit
+
+_UNIT_TO_UM = {
+    "um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    "cm": 1e4, "m": 1e6,
+}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D (z, y, x) array; 2D images are stored with depth 1 and axes 'YX'."""
+
+    data: np.ndarray
+    axes: str  # 'ZYX' or 'YX': what the volume is, as written back
+    voxel_size: VoxelSize  # micrometres, None where unknown
+    source_axes: str = ""
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+
+def _unit_factor(unit: Optional[str]) -> Optional[float]:
+    if unit is None:
+        return None
+    return _UNIT_TO_UM.get(str(unit).strip().lower())
+
+
+def _resolution_um(page, unit_factor: Optional[float]) -> Tuple[Optional[float], Optional[float]]:
+    """TIFF resolution is pixels per unit; return (y, x) pixel size in micrometres."""
+    sizes = []
+    for tag in ("YResolution", "XResolution"):
+        t = page.tags.get(tag)
+        if t is None or unit_factor is None:
+            sizes.append(None)
+            continue
+        num, den = t.value
+        sizes.append(unit_factor * den / num if num else None)
+    return sizes[0], sizes[1]
+
+
+def _ome_voxel_size(xml: str) -> VoxelSize:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return UNKNOWN
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return UNKNOWN
+    out = []
+    for ax in "ZYX":
+        value = pixels.get(f"PhysicalSize{ax}")
+        factor = _unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"))
+        out.append(float(value) * factor if value is not None and factor else None)
+    return tuple(out)  # type: ignore
+
+
+def _read_voxel_size(tif: tifffile.TiffFile) -> VoxelSize:
+    if tif.is_ome and tif.ome_metadata:
+        size = _ome_voxel_size(tif.ome_metadata)
+        if any(s is not None for s in size):
+            return size
+    page = tif.pages[0]
+    if tif.is_imagej and tif.imagej_metadata:
+        meta = tif.imagej_metadata
+        factor = _unit_factor(meta.get("unit"))
+        y, x = _resolution_um(page, factor)
+        z = meta.get("spacing")
+        return (float(z) * factor if z is not None and factor else None, y, x)
+    unit = page.tags.get("ResolutionUnit")
+    if unit is not None and int(unit.value) == 3:  # centimetre; inch values are mostly 72 dpi defaults
+        y, x = _resolution_um(page, 1e4)
+        return (None, y, x)
+    return UNKNOWN
+
+
+def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[int]) -> Tuple[np.ndarray, str]:
+    """Reduce any supported axes string to ZYX or YX by picking one channel / time point."""
+    for name, index, option in (("C", channel, "--channel"), ("T", time, "--time")):
+        if name not in axes:
+            if index not in (None, 0):
+                raise UserError(f"{option} {index} given but the image has no {name} axis (axes {axes})")
+            continue
+        pos = axes.index(name)
+        size = data.shape[pos]
+        if index is None:
+            if size > 1:
+                what = "channels" if name == "C" else "time points"
+                raise UserError(f"the image has {size} {what} (axes {axes}); pick one with {option} N (0..{size - 1})")
+            index = 0
+        if not 0 <= index < size:
+            raise UserError(f"{option} {index} is out of range: axis {name} has {size} entries (0..{size - 1})")
+        data = np.take(data, index, axis=pos)
+        axes = axes.replace(name, "")
+    if axes not in ("ZYX", "YX"):
+        raise UserError(
+            f"cannot interpret axes '{axes}' (shape {data.shape}); give the file's axes with --axes, "
+            "e.g. --axes ZYX, CZYX or TZCYX"
+        )
+    return data, axes
+
+
+def _guess_axes(tif_axes: str, ndim: int) -> str:
+    """tifffile's axes, with the usual reading of a plain stack: one unknown leading axis is Z."""
+    axes = tif_axes.upper()
+    if ndim == 3 and axes[-2:] == "YX" and axes[0] in "QI":
+        return "ZYX"
+    if any(a in "QIS" for a in axes):
+        raise UserError(
+            f"the axes of this {ndim}D image are ambiguous (tifffile reads '{tif_axes}'); "
+            "say what they are with --axes, e.g. --axes ZYX, CZYX or TZCYX"
+        )
+    return axes
+
+
+def read_volume(
+    path: os.PathLike | str,
+    axes: Optional[str] = None,
+    channel: Optional[int] = None,
+    time: Optional[int] = None,
+) -> Volume:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a TIFF file")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            data = series.asarray()
+            tif_axes = series.axes
+            voxel = _read_voxel_size(tif)
+    except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
+        raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if axes is not None:
+        axes = axes.upper()
+        if len(axes) != data.ndim or len(set(axes)) != len(axes) or set(axes) - set("TZCYX"):
+            raise UserError(
+                f"--axes {axes} does not fit the image: it has {data.ndim} axes (shape {data.shape}); "
+                "use letters from TZCYX, one per axis"
+            )
+    else:
+        axes = _guess_axes(tif_axes, data.ndim)
+    source_axes = axes
+    data, axes = _select(data, axes, channel, time)
+    if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
+        raise UserError(f"{path}: pixel type {data.dtype} is not supported; use integer or float images")
+    if axes == "YX":
+        data = data[None]
+        voxel = (None, voxel[1], voxel[2])
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise UserError(
+                f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) before enhancing"
+            )
+    return Volume(np.ascontiguousarray(data), axes, voxel, source_axes)
+
+
+def check_not_constant(volume: Volume, name: str) -> None:
+    lo, hi = volume.data.min(), volume.data.max()
+    if lo == hi:
+        raise UserError(f"{name} is constant (every voxel is {lo}); there is no structure to enhance")
+
+
+def sha256_file(path: os.PathLike | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output_path(path: os.PathLike | str, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; choose another name or pass --overwrite")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name for the output")
+    if not path.parent.exists():
+        raise UserError(f"the folder {path.parent} does not exist; create it first")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary name beside `path`; rename onto it only if the block finishes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_volume(
+    path: os.PathLike | str,
+    slabs: Iterable[np.ndarray],
+    shape: Tuple[int, int, int],
+    dtype: np.dtype,
+    axes: str,
+    voxel_size: VoxelSize,
+) -> None:
+    """Stream z-slabs into an OME-TIFF (BigTIFF when large) under a temporary name, then rename."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    metadata = {"axes": axes}
+    for ax, size in zip("ZYX", voxel_size):
+        if size is not None and (ax in axes):
+            metadata[f"PhysicalSize{ax}"] = float(size)
+            metadata[f"PhysicalSize{ax}Unit"] = "µm"
+    extra = {}
+    if voxel_size[1] and voxel_size[2]:
+        extra = dict(resolution=(1e4 / voxel_size[2], 1e4 / voxel_size[1]), resolutionunit="CENTIMETER")
+
+    def pages() -> Iterator[np.ndarray]:
+        for slab in slabs:
+            yield from np.asarray(slab, dtype=dtype)
+
+    write_shape = shape if axes == "ZYX" else shape[1:]
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(
+            tmp,
+            pages(),
+            shape=write_shape,
+            dtype=dtype,
+            bigtiff=nbytes > BIGTIFF_BYTES,
+            ome=True,
+            photometric="minisblack",
+            metadata=metadata,
+            **extra,
+        )
+
+
+def scaled_voxel_size(voxel: VoxelSize, factors: Tuple[int, int, int]) -> VoxelSize:
+    return tuple(None if v is None else v / f for v, f in zip(voxel, factors))  # type: ignore
