@@ -78,7 +78,7 @@ def iter_slabs(
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, factors)
     out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
-    bar = tqdm(total=len(tiles), desc="enhance", unit="tile", disable=not progress, leave=False)
+    bar = tqdm(total=len(tiles), desc="enhance", unit="tile", disable=None if progress else True, leave=False)
     try:
         for group in slabs(tiles):
             z0, z1 = group[0].out[0]

@@ -91,7 +91,7 @@ def train_stage(
     interp_loss = _mse(stage, val_lr, val_hr, cfg.batch, stage.interpolate)
     best_loss, best_step, best_state = _mse(stage, val_lr, val_hr, cfg.batch), 0, copy.deepcopy(stage.state_dict())
     train_loss = float("nan")
-    bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", disable=None if progress else True, leave=False)
     for step in bar:
         lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(volume, patch, cfg.batch, rng), factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
