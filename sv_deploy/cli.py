@@ -141,7 +141,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     from .model_file import save_model
     from .normalize import normalize, percentiles
     from .backends import pick_device
-    from .train import train_stages
+    from .train import fit_patch, train_stages
     from .volume_io import check_output_path, sha256_file
 
     out = check_output_path(output, overwrite)
@@ -160,6 +160,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     arch = ArchConfig(mid_layers=mid_layers, groups=groups)
     norm = NormConfig()
     dev = pick_device(device)
+    fit_patch(vol.data.shape, cfg.patch, stages[0])  # refuse a too-small volume before any work
     click.echo(
         f"training on {input_path}: {'x'.join(map(str, vol.data.shape))} (z,y,x) {vol.dtype}, scale "
         f"{'x'.join(map(str, factors))} in {len(stages)} stage(s), {cfg.steps} steps each, device {dev}",

@@ -19,6 +19,7 @@ class ArchConfig:
     shrink: int = 6
     mid_layers: int = 4
     groups: int = 1
+    padding: str = "replicate"  # "zeros" as in the paper; replicate avoids fake dark borders in thin stacks
 
     def halo(self) -> int:
         """Receptive-field radius in LR voxels: k5 (2) + shrink (1) + mid (m) + expansion (1)."""

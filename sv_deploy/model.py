@@ -45,13 +45,14 @@ class SVStage(nn.Module):
         self.factors = tuple(int(f) for f in factors)
         phases = int(np.prod(self.factors))
         a = arch
-        self.extract = nn.Sequential(nn.Conv3d(1, a.features, 5, padding=2), nn.PReLU(a.features))
-        self.shrink = nn.Sequential(nn.Conv3d(a.features, a.shrink, 3, padding=1), nn.PReLU(a.shrink))
+        pm = a.padding
+        self.extract = nn.Sequential(nn.Conv3d(1, a.features, 5, padding=2, padding_mode=pm), nn.PReLU(a.features))
+        self.shrink = nn.Sequential(nn.Conv3d(a.features, a.shrink, 3, padding=1, padding_mode=pm), nn.PReLU(a.shrink))
         mid = []
         for _ in range(a.mid_layers):
-            mid += [nn.Conv3d(a.shrink, a.shrink, 3, padding=1, groups=a.groups), nn.PReLU(a.shrink)]
+            mid += [nn.Conv3d(a.shrink, a.shrink, 3, padding=1, groups=a.groups, padding_mode=pm), nn.PReLU(a.shrink)]
         self.mid = nn.Sequential(*mid)
-        self.expand = nn.Conv3d(a.shrink, phases, 3, padding=1)
+        self.expand = nn.Conv3d(a.shrink, phases, 3, padding=1, padding_mode=pm)
         # Start as plain interpolation: the residual branch begins near zero.
         nn.init.normal_(self.expand.weight, std=1e-3)
         nn.init.zeros_(self.expand.bias)

@@ -1,0 +1,150 @@
+"""Quality and wall time of sv-deploy vs tricubic and tricubic + back-projection (no network).
+
+Runs the real CLI (train, infer, evaluate --json) as a user would, on:
+  (a) the Self-Vision authors' bead pair, x4 (5x128x128 -> 20x512x512);
+  (b) each 3D volume in shared/data/real as truth, downsampled x2 by the degradation model;
+  (c) the fly brain (56x256x256 crop as truth) at x4, the case the authors' code was run on.
+Writes benchmarks/results/quality_<tag>.json and prints a Markdown table.
+
+    python benchmarks/quality.py --data ../shared/data --work /tmp/svq --tag cpu2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from sv_deploy.resize import downsample
+from sv_deploy.volume_io import read_volume, write_volume
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(args, log):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sv_deploy", *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    log.write(f"$ sv-deploy {' '.join(args)}\n{proc.stderr}\n")
+    if proc.returncode:
+        raise SystemExit(f"failed: sv-deploy {' '.join(args)}\n{proc.stderr}")
+    return proc.stdout, seconds
+
+
+def make_pair(src: Path, work: Path, name: str, factor: int, channel=None, crop=None):
+    """Truth = the volume cropped to a multiple of the factor; LR = degradation model, input dtype."""
+    vol = read_volume(src, channel=channel)
+    data = vol.data
+    if crop:
+        data = data[tuple(slice(0, c) for c in crop)]
+    data = data[tuple(slice(0, n // factor * factor) for n in data.shape)]
+    lr = downsample(data.astype(np.float32), (factor,) * 3)
+    if data.dtype.kind in "ui":
+        info = np.iinfo(data.dtype)
+        lr = np.clip(np.rint(lr), info.min, info.max)
+    lr = lr.astype(data.dtype)
+    truth, low = work / f"{name}_truth.tif", work / f"{name}_lr.tif"
+    lr_voxel = tuple(None if v is None else v * factor for v in vol.voxel_size)
+    write_volume(truth, [data], data.shape, data.dtype, "ZYX", vol.voxel_size)
+    write_volume(low, [lr], lr.shape, lr.dtype, "ZYX", lr_voxel)
+    return truth, low
+
+
+def case(name, truth, low, scale, work, log, extra_train=()):
+    model, out = work / f"{name}.svmodel", work / f"{name}_out.ome.tif"
+    _, t_train = run(["train", str(low), "-o", str(model), "--scale", str(scale), "--overwrite", "-q", *extra_train], log)
+    _, t_infer = run(["infer", str(model), str(low), "-o", str(out), "--overwrite", "-q"], log)
+    text, _ = run(["evaluate", str(out), str(truth), "--lowres", str(low), "--json"], log)
+    rows = json.loads(text)["rows"]
+    info = json.loads(run(["info", str(model)], log)[0])
+    gains = [s["gain_db"] for s in info["config"]["provenance"]["stages"]]
+    lr_shape = read_volume(low).data.shape
+    return {
+        "case": name, "scale": scale, "lr_shape": lr_shape, "train_s": t_train, "infer_s": t_infer,
+        "stage_val_gain_db": gains, "train_args": list(extra_train),
+        "ours": rows[0]["matched"], "tricubic": rows[1]["matched"], "tricubic_bp": rows[2]["matched"],
+        "ours_raw": rows[0]["raw"],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    p.add_argument("--work", type=Path, default=Path("/tmp/sv-deploy-quality"))
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--only", nargs="*", help="run only these case names")
+    p.add_argument("--recipe", default="fast", choices=["fast", "paper"])
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    real = args.data / "real"
+    beads = args.data / "svision-beads"
+    cases = [
+        ("beads_x4", lambda: (beads / "low_density_3d.tif", beads / "low_density_lr_3d.tif"), 4),
+        ("3d_01_cells3d_x2", lambda: make_pair(real / "3d_01_cells3d_nuclei_confocal.tif", args.work, "3d_01", 2), 2),
+        ("3d_02_flybrain_x2", lambda: make_pair(real / "3d_02_flybrain_confocal.tif", args.work, "3d_02", 2), 2),
+        ("3d_08_nucleus_conf_x2", lambda: make_pair(real / "3d_08_PAIRED_nucleus_confocal_widefield.tif", args.work, "3d_08", 2, channel=0), 2),
+        ("3d_10_chromosomes_x2", lambda: make_pair(real / "3d_10_chromosomes_neubias.tif", args.work, "3d_10", 2), 2),
+        ("3d_02_flybrain_x4", lambda: make_pair(real / "3d_02_flybrain_confocal.tif", args.work, "3d_02x4", 4, crop=(56, 256, 256)), 4),
+    ]
+    results = []
+    extra = ("--recipe", args.recipe)
+    with open(args.work / f"log_{args.tag}.txt", "w") as log:
+        for name, pair, scale in cases:
+            if args.only and name not in args.only:
+                continue
+            truth, low = pair()
+            r = case(name, truth, low, scale, args.work, log, extra)
+            results.append(r)
+            print(f"{name}: ours {r['ours']['psnr']:.2f} dB / {r['ours']['ssim']:.4f}, tricubic "
+                  f"{r['tricubic']['psnr']:.2f}, tricubic+BP {r['tricubic_bp']['psnr']:.2f}; "
+                  f"train {r['train_s']:.0f} s, infer {r['infer_s']:.0f} s", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        "recipe": args.recipe,
+        "results": results,
+    }
+    out = HERE / "results" / f"quality_{args.tag}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(report) -> str:
+    lines = [
+        "| case | LR shape | ours PSNR / SSIM | tricubic | tricubic + BP | ours - (tricubic+BP) | train s | infer s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        o, c, b = r["ours"], r["tricubic"], r["tricubic_bp"]
+        lines.append(
+            f"| {r['case']} | {'x'.join(map(str, r['lr_shape']))} | {o['psnr']:.2f} / {o['ssim']:.4f} | "
+            f"{c['psnr']:.2f} / {c['ssim']:.4f} | {b['psnr']:.2f} / {b['ssim']:.4f} | "
+            f"{o['psnr'] - b['psnr']:+.2f} dB | {r['train_s']:.0f} | {r['infer_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""End-to-end through the command line: outputs, metadata, and every bad input's one-line error."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from sv_deploy.cli import main
+from sv_deploy.volume_io import read_volume, write_volume
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in err, err
+
+
+@pytest.fixture(scope="module")
+def lr_file(tmp_path_factory, flybrain_pair):
+    _, lr = flybrain_pair
+    data = np.clip(np.rint(lr), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("in") / "lr.tif"
+    write_volume(path, [data], data.shape, np.uint8, "ZYX", (4.0, 2.5, 2.5))
+    return path
+
+
+def test_infer_keeps_dtype_and_divides_the_voxel_size(model_file, lr_file, tmp_path):
+    out = tmp_path / "x2.ome.tif"
+    result = run("infer", model_file, lr_file, "-o", out, "--bp-iters", "2", "--tile", "8,32,32", "-q")
+    assert result.exit_code == 0, result.output
+    vol = read_volume(out)
+    src = read_volume(lr_file)
+    assert vol.dtype == np.uint8
+    assert vol.data.shape == tuple(2 * n for n in src.data.shape)
+    assert vol.voxel_size == pytest.approx((2.0, 1.25, 1.25))
+    assert vol.data.std() > 0
+    out32 = tmp_path / "x2f.ome.tif"
+    assert run("infer", model_file, lr_file, "-o", out32, "--dtype", "float32", "--no-ensemble", "-q").exit_code == 0
+    assert read_volume(out32).dtype == np.float32
+
+
+def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
+    model = tmp_path / "m.svmodel"
+    result = run("train", lr_file, "-o", model, "--steps", "3", "--batch", "2", "--patch", "8,32,32", "-q")
+    assert result.exit_code == 0, result.output
+    info = run("info", model)
+    assert '"input_sha256"' in info.output and '"stages"' in info.output
+
+
+def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
+    truth = tmp_path / "truth.tif"
+    write_volume(truth, [flybrain_crop], flybrain_crop.shape, np.uint8, "ZYX", (2.0, 1.25, 1.25))
+    result = run("evaluate", truth, truth, "--lowres", lr_file)
+    assert result.exit_code == 0, result.output
+    assert "tricubic + back-projection" in result.output and "inf" in result.output
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path):
+    files = {}
+    files["not_tiff"] = tmp_path / "notes.tif"
+    files["not_tiff"].write_text("not an image")
+    files["four_d"] = tmp_path / "four.tif"
+    tifffile.imwrite(files["four_d"], np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32))
+    nan = np.random.default_rng(0).random((8, 32, 32)).astype(np.float32)
+    nan[2, 3, 4] = np.inf
+    files["nan"] = tmp_path / "nan.tif"
+    tifffile.imwrite(files["nan"], nan)
+    files["constant"] = tmp_path / "constant.tif"
+    tifffile.imwrite(files["constant"], np.full((8, 32, 32), 7, np.uint16))
+    files["tiny"] = tmp_path / "tiny.tif"
+    tifffile.imwrite(files["tiny"], np.random.default_rng(0).integers(0, 100, (2, 12, 12)).astype(np.uint16))
+    return files
+
+
+@pytest.mark.parametrize(
+    "key,words",
+    [
+        ("not_tiff", ["not a readable TIFF"]),
+        ("missing", ["no such file"]),
+        ("four_d", ["--axes"]),
+        ("nan", ["NaN/Inf"]),
+        ("constant", ["constant"]),
+    ],
+)
+def test_bad_volumes_give_one_line_and_no_output(key, words, bad_inputs, model_file, tmp_path):
+    src = bad_inputs.get(key, tmp_path / "missing.tif")
+    out = tmp_path / "out.ome.tif"
+    assert_one_line_error(run("infer", model_file, src, "-o", out), *words)
+    model = tmp_path / "m.svmodel"
+    assert_one_line_error(run("train", src, "-o", model), *words)
+    assert not out.exists() and not model.exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_volume_smaller_than_a_patch(bad_inputs, tmp_path):
+    model = tmp_path / "m.svmodel"
+    assert_one_line_error(run("train", bad_inputs["tiny"], "-o", model, "-q"), "smaller than one training patch")
+    assert not model.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(model_file, lr_file, tmp_path):
+    out = tmp_path / "out.ome.tif"
+    out.write_bytes(b"precious")
+    assert_one_line_error(run("infer", model_file, lr_file, "-o", out), "--overwrite")
+    assert out.read_bytes() == b"precious"
+
+
+def test_model_that_is_not_ours_or_edited(model_file, lr_file, tmp_path):
+    out = tmp_path / "out.ome.tif"
+    assert_one_line_error(run("infer", lr_file, lr_file, "-o", out), "not an sv-deploy model")
+    raw = bytearray(model_file.read_bytes())
+    raw[-5] ^= 0x55
+    edited = tmp_path / "edited.svmodel"
+    edited.write_bytes(bytes(raw))
+    assert_one_line_error(run("infer", edited, lr_file, "-o", out), "checksum")
+    assert not out.exists()
+
+
+def test_ctrl_c_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop):
+    big = tmp_path / "big.tif"
+    data = np.tile(flybrain_crop, (2, 1, 1))
+    write_volume(big, [data], data.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    out = tmp_path / "out.ome.tif"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sv_deploy", "infer", str(model_file), str(big), "-o", str(out), "--tile", "8,32,32"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.ome.tif.partial-*")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.ome.tif.partial-*"))

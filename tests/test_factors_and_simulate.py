@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from sv_deploy.errors import UserError
+from sv_deploy.factors import parse_scale, split_stages
+from sv_deploy.simulate import bead_pair, beads
+
+
+def test_scale_parsing():
+    assert parse_scale("2") == (2, 2, 2)
+    assert parse_scale("4", is_2d=True) == (1, 4, 4)
+    assert parse_scale("1,2,2") == (1, 2, 2)
+    for bad in ("5", "2,2", "x", "1"):
+        with pytest.raises(UserError):
+            parse_scale(bad)
+    with pytest.raises(UserError, match="2D"):
+        parse_scale("2,2,2", is_2d=True)
+
+
+def test_x4_is_two_x2_stages():
+    assert split_stages((4, 4, 4)) == ((2, 2, 2), (2, 2, 2))
+    assert split_stages((1, 4, 2)) == ((1, 2, 2), (1, 2, 1))
+    assert split_stages((3, 3, 3)) == ((3, 3, 3),)
+
+
+def test_beads_are_blurred_points_normalised_to_one():
+    hr = beads((20, 64, 64), count=10, sigma=(2.5, 1, 1), window=13, seed=3)
+    assert hr.max() == pytest.approx(1.0) and hr.min() >= 0
+    lr = bead_pair(hr, (4, 4, 4))
+    assert lr.shape == (5, 16, 16) and lr.min() >= 0
+    # a bead's profile along x follows the Gaussian: neighbour/peak = exp(-1/2) for sigma 1
+    z, y, x = np.unravel_index(np.argmax(hr), hr.shape)
+    if 0 < x < 63:
+        assert hr[z, y, x + 1] / hr[z, y, x] == pytest.approx(np.exp(-0.5), rel=0.15)

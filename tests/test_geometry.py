@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from sv_deploy.enhance import predict_ensemble
+from sv_deploy.geometry import ensemble_transforms, forward, inverse
+
+
+def test_eight_members_for_square_factors_four_when_y_and_x_differ():
+    assert len(ensemble_transforms((2, 2, 2))) == 8
+    assert len(set(ensemble_transforms((2, 2, 2)))) == 8
+    assert ensemble_transforms((1, 2, 3)) == [(0, False), (0, True), (2, False), (2, True)]
+    assert ensemble_transforms((2, 2, 2), full=False) == [(0, False)]
+
+
+@pytest.mark.parametrize("t", ensemble_transforms((2, 2, 2)))
+def test_each_transform_is_undone_exactly(t):
+    x = np.random.default_rng(0).random((3, 5, 7)).astype(np.float32)
+    y = forward(x, t)
+    if t[0] % 2:
+        assert y.shape == (3, 7, 5)
+    np.testing.assert_array_equal(inverse(y, t), x)
+
+
+def test_members_are_distinct_views_of_an_asymmetric_volume():
+    x = np.random.default_rng(0).random((2, 6, 6)).astype(np.float32)
+    views = {forward(x, t).tobytes() for t in ensemble_transforms((2, 2, 2))}
+    assert len(views) == 8
+
+
+class NearestUpsampler:
+    """An equivariant 'network': with a correct ensemble every member agrees exactly."""
+
+    name = "nearest"
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def predict(self, stage, x):
+        for axis, f in zip((2, 3, 4), self.factors):
+            x = np.repeat(x, f, axis=axis)
+        return x
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 3)])
+def test_ensemble_of_equivariant_net_equals_single_pass(factors):
+    x = np.random.default_rng(2).random((3, 6, 8)).astype(np.float32)
+    net = NearestUpsampler(factors)
+    single = net.predict(0, x[None, None])[0, 0]
+    averaged = predict_ensemble(net, 0, x, ensemble_transforms(factors))
+    np.testing.assert_allclose(averaged, single, atol=1e-6)

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sv_deploy.errors import UserError
+from sv_deploy.model_file import load_model, read_header
+
+
+def test_round_trip_gives_the_same_network(model_file, trained_small):
+    stage, *_ = trained_small
+    config, stages, digest = load_model(model_file)
+    assert config.stages == ((2, 2, 2),) and len(digest) == 64
+    x = torch.rand(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(stages[0](x), stage(x))
+
+
+def test_edited_weights_fail_the_checksum(model_file, tmp_path):
+    raw = bytearray(model_file.read_bytes())
+    raw[-10] ^= 0xFF  # inside the tensor data
+    bad = tmp_path / "edited.svmodel"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum"):
+        load_model(bad)
+
+
+def test_files_that_are_not_ours_are_refused(tmp_path):
+    junk = tmp_path / "junk.svmodel"
+    junk.write_bytes(b"\x80\x04not a model")
+    with pytest.raises(UserError, match="not an sv-deploy model"):
+        read_header(junk)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="not an sv-deploy model"):
+        load_model(other)

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from sv_deploy.resize import downsample, phase_weights, resize, resize_matrix, upsample
+
+
+@pytest.mark.parametrize("n,scale", [(9, 0.5), (16, 0.25), (10, 2.0), (7, 3.0), (12, 1 / 3)])
+def test_rows_sum_to_one_so_constants_stay_constant(n, scale):
+    w = resize_matrix(n, scale)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+    vol = np.full((n, n, n), 7.5, np.float32)
+    np.testing.assert_allclose(resize(vol, (scale,) * 3), 7.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_linear_ramp_stays_a_ramp_away_from_borders(factor):
+    n = 48
+    ramp = np.arange(n, dtype=np.float32)
+    down = resize(ramp, [1 / factor])
+    # Output sample j sits at input coordinate (j + 0.5) * factor - 0.5 (0-based).
+    expected = (np.arange(down.size) + 0.5) * factor - 0.5
+    inner = slice(3, -3)
+    np.testing.assert_allclose(down[inner], expected[inner], atol=1e-4)
+    up = resize(ramp, [float(factor)])
+    expected_up = (np.arange(up.size) + 0.5) / factor - 0.5
+    np.testing.assert_allclose(up[3 * factor : -3 * factor], expected_up[3 * factor : -3 * factor], atol=1e-4)
+
+
+def test_smooth_volume_round_trips_closely():
+    z, y, x = np.meshgrid(np.arange(16), np.arange(64), np.arange(64), indexing="ij")
+    vol = (np.sin(z / 5.0) * np.cos(y / 9.0) + np.sin(x / 11.0)).astype(np.float32)
+    back = upsample(downsample(vol, (2, 2, 2)), (2, 2, 2))
+    assert back.shape == vol.shape
+    inner = (slice(3, -3), slice(6, -6), slice(6, -6))
+    assert np.abs(back - vol)[inner].max() < 0.02 * np.ptp(vol)
+
+
+def test_per_axis_factors_give_per_axis_shapes():
+    vol = np.random.default_rng(0).random((5, 20, 30)).astype(np.float32)
+    assert downsample(vol, (1, 2, 3)).shape == (5, 10, 10)
+    assert upsample(vol, (1, 2, 4)).shape == (5, 40, 120)
+    np.testing.assert_array_equal(downsample(vol, (1, 1, 1)), vol)
+
+
+def test_phase_weights_are_the_interior_rows_of_the_upsampling_matrix():
+    for factor in (2, 3, 4):
+        w = resize_matrix(20, float(factor))
+        phases = phase_weights(factor)
+        s = 10  # an interior LR voxel
+        for i in range(factor):
+            np.testing.assert_allclose(w[s * factor + i, s - 2 : s + 3], phases[i], atol=1e-6)
+
+
+def test_known_matlab_weights():
+    # imresize(x, 2, 'cubic') interior weights.
+    np.testing.assert_allclose(phase_weights(2)[0, 1:], [0.2265625, 0.8671875, -0.0703125, 0.0], atol=1e-7)

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from sv_deploy.backends import TorchBackend
+from sv_deploy.config import ArchConfig
+from sv_deploy.enhance import InferenceOptions, enhance_block, enhance_volume
+from sv_deploy.tiling import plan_tiles, slabs, total_halo
+
+
+@pytest.mark.parametrize("shape,core,factors", [((10, 33, 40), (4, 16, 9), (2, 2, 2)), ((1, 20, 21), (1, 8, 8), (1, 3, 2))])
+def test_tiles_cover_the_output_exactly_once(shape, core, factors):
+    tiles = plan_tiles(shape, core, (3, 3, 3), factors)
+    cover = np.zeros([n * f for n, f in zip(shape, factors)], np.int32)
+    for t in tiles:
+        cover[tuple(slice(*s) for s in t.out)] += 1
+        for (r0, r1), (c0, c1), (cr0, cr1), f in zip(t.read, t.core, t.crop, factors):
+            assert r0 <= c0 < c1 <= r1
+            assert cr1 - cr0 == (c1 - c0) * f
+    assert (cover == 1).all()
+
+
+def test_tiles_come_in_complete_z_slabs():
+    tiles = plan_tiles((9, 20, 20), (3, 8, 8), (2, 2, 2), (2, 2, 2))
+    groups = list(slabs(tiles))
+    assert len(groups) == 3
+    assert all(len({t.core[0] for t in g}) == 1 for g in groups)
+
+
+def test_halo_grows_with_back_projection_and_shrinks_through_stages():
+    arch = ArchConfig(mid_layers=4)
+    assert total_halo([(2, 2, 2)], arch, 0) == (8, 8, 8)
+    assert total_halo([(1, 2, 2)], arch, 2) == (8, 18, 18)
+    # second stage radius counted in stage-1 input voxels: ceil(8 / 2) = 4
+    assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 0) == (12, 12, 12)
+
+
+@pytest.mark.parametrize("bp_iters", [0, 2])
+def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, bp_iters):
+    stage, _, x, _ = trained_small
+    backend = TorchBackend([stage], stage.interp_weight.device)
+    arch = ArchConfig()
+    stages = [(2, 2, 2)]
+    options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=(6, 20, 24))
+    assert len(plan_tiles(x.shape, options.tile, total_halo(stages, arch, bp_iters), (2, 2, 2))) >= 8
+    whole = enhance_block(backend, stages, x, options)
+    tiled = enhance_volume(backend, stages, arch, x, options)
+    assert tiled.shape == whole.shape == tuple(2 * n for n in x.shape)
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)

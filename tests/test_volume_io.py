@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import tifffile
+
+from sv_deploy.errors import UserError
+from sv_deploy.volume_io import read_volume, scaled_voxel_size, write_volume
+from conftest import data_file
+
+
+def test_imagej_voxel_size_is_read_in_micrometres():
+    vol = read_volume(data_file("real", "3d_02_flybrain_confocal.tif"))
+    assert vol.axes == "ZYX" and vol.data.shape == (57, 256, 256) and vol.dtype == np.uint8
+    z, y, x = vol.voxel_size
+    assert z == pytest.approx(3.947, abs=1e-3) and y == pytest.approx(2.6755, abs=1e-3) and x == y
+
+
+def test_escaped_micro_sign_unit_is_understood():
+    z, y, x = read_volume(data_file("real", "3d_10_chromosomes_neubias.tif")).voxel_size
+    assert z == pytest.approx(0.15) and x == pytest.approx(0.03385, abs=1e-4)
+
+
+def test_channel_is_picked_from_zcyx():
+    path = data_file("real", "3d_08_PAIRED_nucleus_confocal_widefield.tif")
+    with pytest.raises(UserError, match="--channel"):
+        read_volume(path)
+    conf = read_volume(path, channel=0)
+    wide = read_volume(path, channel=1)
+    assert conf.data.shape == wide.data.shape == (45, 130, 133)
+    assert not np.array_equal(conf.data, wide.data)
+    assert conf.voxel_size[0] == pytest.approx(0.4994, abs=1e-4)
+
+
+def test_two_d_image_reads_as_depth_one():
+    vol = read_volume(data_file("real", "2d_04_dsb2018_nuclei_stardist.tif"))
+    assert vol.axes == "YX" and vol.data.shape == (1, 512, 512)
+
+
+def test_ome_round_trip_keeps_data_dtype_and_voxel_size(tmp_path):
+    data = np.random.default_rng(0).integers(0, 60000, (6, 9, 11)).astype(np.uint16)
+    path = tmp_path / "v.ome.tif"
+    write_volume(path, [data[:4], data[4:]], data.shape, np.uint16, "ZYX", (0.5, 0.125, 0.125))
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.data, data)
+    assert back.voxel_size == pytest.approx((0.5, 0.125, 0.125))
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_scaled_voxel_size_divides_each_axis():
+    assert scaled_voxel_size((1.0, None, 0.4), (2, 2, 4)) == (0.5, None, 0.1)
+
+
+def test_four_d_with_unknown_axes_needs_axes_option(tmp_path):
+    path = tmp_path / "four.tif"
+    tifffile.imwrite(path, np.zeros((2, 3, 8, 8), np.uint16), metadata=None)
+    with pytest.raises(UserError, match="--axes"):
+        read_volume(path)
+    vol = read_volume(path, axes="CZYX", channel=1)
+    assert vol.data.shape == (3, 8, 8)
+
+
+def test_axes_option_must_fit(tmp_path):
+    path = tmp_path / "three.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16))
+    with pytest.raises(UserError, match="does not fit"):
+        read_volume(path, axes="CZYX")
+
+
+def test_not_a_tiff_and_nan_are_refused(tmp_path):
+    bad = tmp_path / "notes.tif"
+    bad.write_text("hello")
+    with pytest.raises(UserError, match="not a readable TIFF"):
+        read_volume(bad)
+    nan = tmp_path / "nan.tif"
+    arr = np.ones((3, 8, 8), np.float32)
+    arr[1, 2, 3] = np.nan
+    tifffile.imwrite(nan, arr)
+    with pytest.raises(UserError, match="NaN/Inf"):
+        read_volume(nan)
