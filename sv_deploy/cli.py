@@ -139,7 +139,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     from .config import ArchConfig, ModelConfig, NormConfig, Provenance, TrainConfig
     from .factors import parse_scale, split_stages
     from .model_file import save_model
-    from .normalize import normalize, percentiles
+    from .normalize import normalize, percentiles, valid_range
     from .backends import pick_device
     from .train import fit_patch, train_stages
     from .volume_io import check_output_path, sha256_file
@@ -170,7 +170,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     low, high = percentiles(vol.data, norm)
     trained, reports = train_stages(
         normalize(vol.data, low, high), stages, arch, cfg, dev, progress=not quiet,
-        log=lambda m: click.echo(m, err=True),
+        log=lambda m: click.echo(m, err=True), value_range=valid_range(vol.dtype, low, high),
     )
     provenance = Provenance(
         input_name=Path(input_path).name,
@@ -220,7 +220,7 @@ def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backen
     from .backends import TorchBackend, pick_device
     from .enhance import InferenceOptions, iter_slabs
     from .model_file import load_model
-    from .normalize import denormalize, normalize, percentiles
+    from .normalize import denormalize, normalize, percentiles, valid_range
     from .volume_io import scaled_voxel_size, write_volume
 
     out = _tiff_output(output, overwrite)
@@ -246,7 +246,9 @@ def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backen
     start = time.perf_counter()
     slabs = (
         denormalize(slab, low, high, dtype)
-        for _, slab in iter_slabs(runner, config.stages, config.arch, x, options, progress=not quiet)
+        for _, slab in iter_slabs(
+            runner, config.stages, config.arch, x, options, not quiet, valid_range(vol.dtype, low, high)
+        )
     )
     write_volume(out, slabs, shape, dtype, vol.axes, scaled_voxel_size(vol.voxel_size, factors))
     click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s", err=True)

@@ -6,7 +6,7 @@ Everything here works on normalized float32 arrays; file formats and dtypes stay
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -47,14 +47,27 @@ def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) ->
     return total / len(transforms)
 
 
+ValueRange = Optional[Tuple[float, float]]
+
+
 def enhance_block(
-    backend: Backend, stages: Sequence[Factors], x: np.ndarray, options: InferenceOptions
+    backend: Backend,
+    stages: Sequence[Factors],
+    x: np.ndarray,
+    options: InferenceOptions,
+    value_range: ValueRange = None,
 ) -> np.ndarray:
-    """All stages on one normalized block, no tiling (the reference the tiled path must equal)."""
+    """All stages on one normalized block, no tiling (the reference the tiled path must equal).
+
+    Each stage's result is clamped to the input's representable range, as the final output is, so
+    a later stage never sees values the data type could not hold.
+    """
     for i, factors in enumerate(stages):
         transforms = ensemble_transforms(factors, options.ensemble)
         y = predict_ensemble(backend, i, x, transforms)
         x = back_project(y, x, factors, options.bp_iters)
+        if value_range is not None:
+            x = np.clip(x, *value_range)
     return x.astype(np.float32, copy=False)
 
 
@@ -69,6 +82,7 @@ def iter_slabs(
     volume: np.ndarray,
     options: InferenceOptions,
     progress: bool = False,
+    value_range: ValueRange = None,
 ) -> Iterator[Tuple[Tuple[int, int], np.ndarray]]:
     """Yield (z span in output, slab) for consecutive z-slabs of the enhanced volume.
 
@@ -84,7 +98,8 @@ def iter_slabs(
             z0, z1 = group[0].out[0]
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
-                _fill(slab, tile, enhance_block(backend, stages, volume[to_slices(tile.read)], options))
+                block = enhance_block(backend, stages, volume[to_slices(tile.read)], options, value_range)
+                _fill(slab, tile, block)
                 bar.update(1)
             yield (z0, z1), slab
     finally:
@@ -104,7 +119,8 @@ def enhance_volume(
     volume: np.ndarray,
     options: InferenceOptions,
     progress: bool = False,
+    value_range: ValueRange = None,
 ) -> np.ndarray:
     """Whole enhanced volume in memory (training's stage chaining, tests, small data)."""
-    parts = [slab for _, slab in iter_slabs(backend, stages, arch, volume, options, progress)]
+    parts = [slab for _, slab in iter_slabs(backend, stages, arch, volume, options, progress, value_range)]
     return np.concatenate(parts, axis=0)

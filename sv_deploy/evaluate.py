@@ -61,10 +61,19 @@ def evaluate(
         factors = infer_factors(reference.shape, lowres.shape)
         lr = lowres.astype(np.float32)
         cubic = upsample(lr, factors)
-        rows.append(score_row("tricubic", cubic, reference))
+        rows.append(score_row("tricubic", _as_written(cubic, lowres.dtype), reference))
         if bp_iters > 0:
-            rows.append(score_row(f"tricubic + back-projection ({bp_iters} it)", back_project(cubic, lr, factors, bp_iters), reference))
+            bp = _as_written(back_project(cubic, lr, factors, bp_iters), lowres.dtype)
+            rows.append(score_row(f"tricubic + back-projection ({bp_iters} it)", bp, reference))
     return rows
+
+
+def _as_written(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Clamp a baseline to the input's pixel-type range, as it would be if saved like our output."""
+    if np.dtype(dtype).kind in "ui":
+        info = np.iinfo(dtype)
+        return np.clip(x, info.min, info.max)
+    return x
 
 
 def format_table(rows: Sequence[Row]) -> str:

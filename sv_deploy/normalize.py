@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -35,3 +35,13 @@ def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) ->
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     return out.astype(dtype)
+
+
+def valid_range(dtype: np.dtype, low: float, high: float) -> Optional[Tuple[float, float]]:
+    """The input dtype's representable range in normalized units; None for floats (no bound)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "ui":
+        return None
+    info = np.iinfo(dtype)
+    scale = 1.0 / (high - low)
+    return ((info.min - low) * scale, (info.max - low) * scale)

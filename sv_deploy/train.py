@@ -40,6 +40,28 @@ def fit_patch(shape: Shape3, patch: Shape3, factors: Factors) -> Shape3:
     return tuple(out)  # type: ignore
 
 
+HOLDOUT_FRACTION = 0.2
+
+
+def holdout_split(shape: Shape3, patch: Shape3, factors: Factors):
+    """Split off the far end of the longer lateral axis for validation.
+
+    Validating on a region the network never trained on catches memorization of the one volume
+    we have; when the volume is too small to split, both use the whole volume (returns same slices).
+    """
+    axis = 1 if shape[1] >= shape[2] else 2
+    n = shape[axis]
+    need = factors[axis] * MIN_LR_PATCH_YX
+    cut = n - max(need, int(round(n * HOLDOUT_FRACTION)))
+    whole = (slice(None),) * 3
+    if cut < max(need, patch[axis] // 2):
+        return whole, whole
+    train = [slice(None)] * 3
+    val = [slice(None)] * 3
+    train[axis], val[axis] = slice(0, cut), slice(cut, n)
+    return tuple(train), tuple(val)
+
+
 def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random.Generator) -> np.ndarray:
     """Random crops with independent flips on each axis and quarter turns in y-x (square patches only)."""
     out = np.empty((count, *patch), dtype=np.float32)
@@ -81,9 +103,13 @@ def train_stage(
     """Train one stage on a normalized float32 volume; keep the weights best on held-out patches."""
     start = time.perf_counter()
     patch = fit_patch(volume.shape, cfg.patch, factors)
+    train_region, val_region = holdout_split(volume.shape, patch, factors)
+    train_vol, val_vol = volume[train_region], volume[val_region]
+    patch = fit_patch(train_vol.shape, patch, factors)
+    val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    val_lr, val_hr = (t.to(device) for t in make_pairs(sample_patches(volume, patch, cfg.val_patches, rng), factors))
+    val_lr, val_hr = (t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))
 
     stage = SVStage(factors, arch).to(device)
     opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
@@ -93,7 +119,7 @@ def train_stage(
     train_loss = float("nan")
     bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", disable=None if progress else True, leave=False)
     for step in bar:
-        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(volume, patch, cfg.batch, rng), factors))
+        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(train_vol, patch, cfg.batch, rng), factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,6 +135,11 @@ def train_stage(
             bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
     bar.close()
     stage.load_state_dict(best_state)
+    if best_step == 0:  # never beat interpolation on held-out patches: be exactly interpolation
+        with torch.no_grad():
+            stage.expand.weight.zero_()
+            stage.expand.bias.zero_()
+        best_loss = interp_loss
     stage.eval()
     report = StageReport(
         factors=tuple(factors),
@@ -140,6 +171,7 @@ def train_stages(
     device: torch.device,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    value_range: Optional[Tuple[float, float]] = None,
 ) -> Tuple[List[SVStage], List[StageReport]]:
     """Train the chain: each later stage learns on the previous stage's float output (no truncation)."""
     trained, reports = [], []
@@ -154,12 +186,12 @@ def train_stages(
         if is_dead(report):
             log(
                 f"warning: {label}: the network learned nothing beyond interpolation "
-                f"({report.gain_db:+.2f} dB on held-out patches); the result will be interpolation + "
-                "back-projection. More --steps or a larger input volume usually helps."
+                f"({report.gain_db:+.2f} dB on held-out patches); this stage falls back to cubic "
+                "interpolation + back-projection. More --steps or a larger input volume usually helps."
             )
         trained.append(stage)
         reports.append(report)
         if i + 1 < len(stages):
             backend = TorchBackend([stage], device)
-            x = enhance_volume(backend, [factors], arch, x, InferenceOptions(), progress=progress)
+            x = enhance_volume(backend, [factors], arch, x, InferenceOptions(), progress, value_range)
     return trained, reports
