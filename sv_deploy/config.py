@@ -38,7 +38,7 @@ class NormConfig:
 class TrainConfig:
     """Per-stage training recipe; patch is (z, y, x) at the stage's input resolution."""
 
-    steps: int = 400
+    steps: int = 800
     batch: int = 8
     patch: Shape3 = (16, 48, 48)
     lr: float = 1e-3
