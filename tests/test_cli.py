@@ -75,11 +75,11 @@ def bad_inputs(tmp_path):
     files["not_tiff"] = tmp_path / "notes.tif"
     files["not_tiff"].write_text("not an image")
     files["four_d"] = tmp_path / "four.tif"
-    tifffile.imwrite(files["four_d"], np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32))
+    tifffile.imwrite(files["four_d"], np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32), photometric="minisblack")
     nan = np.random.default_rng(0).random((8, 32, 32)).astype(np.float32)
     nan[2, 3, 4] = np.inf
     files["nan"] = tmp_path / "nan.tif"
-    tifffile.imwrite(files["nan"], nan)
+    tifffile.imwrite(files["nan"], nan, photometric="minisblack")
     files["constant"] = tmp_path / "constant.tif"
     tifffile.imwrite(files["constant"], np.full((8, 32, 32), 7, np.uint16))
     files["tiny"] = tmp_path / "tiny.tif"

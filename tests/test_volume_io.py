@@ -51,7 +51,7 @@ def test_scaled_voxel_size_divides_each_axis():
 
 def test_four_d_with_unknown_axes_needs_axes_option(tmp_path):
     path = tmp_path / "four.tif"
-    tifffile.imwrite(path, np.zeros((2, 3, 8, 8), np.uint16), metadata=None)
+    tifffile.imwrite(path, np.zeros((2, 3, 8, 8), np.uint16), photometric="minisblack")
     with pytest.raises(UserError, match="--axes"):
         read_volume(path)
     vol = read_volume(path, axes="CZYX", channel=1)
@@ -60,7 +60,7 @@ def test_four_d_with_unknown_axes_needs_axes_option(tmp_path):
 
 def test_axes_option_must_fit(tmp_path):
     path = tmp_path / "three.tif"
-    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16))
+    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16), photometric="minisblack")
     with pytest.raises(UserError, match="does not fit"):
         read_volume(path, axes="CZYX")
 
@@ -73,6 +73,6 @@ def test_not_a_tiff_and_nan_are_refused(tmp_path):
     nan = tmp_path / "nan.tif"
     arr = np.ones((3, 8, 8), np.float32)
     arr[1, 2, 3] = np.nan
-    tifffile.imwrite(nan, arr)
+    tifffile.imwrite(nan, arr, photometric="minisblack")
     with pytest.raises(UserError, match="NaN/Inf"):
         read_volume(nan)
