@@ -19,28 +19,25 @@ from .model import SVStage
 from .resize import downsample
 
 MIN_LR_PATCH_YX = 8
+HOLDOUT_FRACTION = 0.2  # share of the longer lateral axis kept out of training for validation
 DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not learn
+
+
+def _min_patch(factors: Factors) -> Shape3:
+    """Smallest HR patch that still gives an LR patch with context: 8 LR voxels in y-x, 2 in z."""
+    return tuple(f * (MIN_LR_PATCH_YX if a > 0 else (2 if f > 1 else 1)) for a, f in enumerate(factors))  # type: ignore
 
 
 def fit_patch(shape: Shape3, patch: Shape3, factors: Factors) -> Shape3:
     """Largest patch <= the requested one that fits the volume and divides by the factors."""
-    out = []
-    for a, (n, p, f) in enumerate(zip(shape, patch, factors)):
-        size = (min(n, p) // f) * f
-        need = f * (MIN_LR_PATCH_YX if a > 0 else (2 if f > 1 else 1))
-        if size < need:
-            minimum = tuple(
-                f2 * (MIN_LR_PATCH_YX if a2 > 0 else (2 if f2 > 1 else 1)) for a2, f2 in enumerate(factors)
-            )
-            raise UserError(
-                f"the volume ({'x'.join(map(str, shape))} z,y,x) is smaller than one training patch for "
-                f"factors {factors} (at least {'x'.join(map(str, minimum))}); use a larger volume or a smaller --scale"
-            )
-        out.append(size)
-    return tuple(out)  # type: ignore
-
-
-HOLDOUT_FRACTION = 0.2
+    minimum = _min_patch(factors)
+    out = tuple((min(n, p) // f) * f for n, p, f in zip(shape, patch, factors))
+    if any(o < m for o, m in zip(out, minimum)):
+        raise UserError(
+            f"the volume ({'x'.join(map(str, shape))} z,y,x) is smaller than one training patch for "
+            f"factors {factors} (at least {'x'.join(map(str, minimum))}); use a larger volume or a smaller --scale"
+        )
+    return out  # type: ignore
 
 
 def holdout_split(shape: Shape3, patch: Shape3, factors: Factors):

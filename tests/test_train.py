@@ -9,7 +9,7 @@ from sv_deploy.errors import UserError
 from sv_deploy.metrics import score
 from sv_deploy.normalize import normalize
 from sv_deploy.resize import upsample
-from sv_deploy.train import fit_patch, is_dead, sample_patches, train_stage
+from sv_deploy.train import fit_patch, holdout_split, is_dead, sample_patches, train_stage
 
 
 def test_short_real_training_lowers_the_loss_and_beats_tricubic(trained_small, flybrain_pair):
@@ -52,3 +52,11 @@ def test_augmented_patches_are_crops_of_the_volume_up_to_flips_and_turns():
     assert patches.shape == (5, 4, 8, 8)
     values = set(np.round(vol.ravel(), 6))
     assert set(np.round(patches.ravel(), 6)) <= values
+
+
+def test_validation_strip_is_disjoint_from_training_and_skipped_when_too_small():
+    train, val = holdout_split((20, 128, 96), (16, 48, 48), (2, 2, 2))
+    assert train[1] == slice(0, 102) and val[1] == slice(102, 128)
+    assert train[2] == val[2] == slice(None)
+    whole = (slice(None),) * 3
+    assert holdout_split((20, 24, 24), (16, 48, 48), (2, 2, 2)) == (whole, whole)
