@@ -260,9 +260,10 @@ def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backen
 @click.option("--lowres", type=click.Path(dir_okay=False), help="The LR input: adds tricubic and tricubic + back-projection rows.")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Back-projection iterations for the no-network baseline.")
+@click.option("--channel", type=int, help="Channel of REFERENCE and --lowres when they have several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
-def evaluate(output_path, reference, lowres, bp_iters, as_json):
+def evaluate(output_path, reference, lowres, bp_iters, channel, as_json):
     """Score OUTPUT against REFERENCE (PSNR, 3D SSIM, NRMSE), beside tricubic baselines.
 
     \b
@@ -275,9 +276,9 @@ def evaluate(output_path, reference, lowres, bp_iters, as_json):
     from .evaluate import evaluate as run_evaluate, format_table
     from .volume_io import read_volume
 
-    ref = read_volume(reference).data
+    ref = read_volume(reference, channel=channel).data
     out = read_volume(output_path).data
-    lr = read_volume(lowres).data if lowres else None
+    lr = read_volume(lowres, channel=channel).data if lowres else None
     rows = run_evaluate(out, ref, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
         click.echo(json.dumps({"reference": str(reference), "rows": [r.to_dict() for r in rows]}, indent=2))
