@@ -116,7 +116,7 @@ def main():
 @click.option("--lr", "learning_rate", type=float, help="Adam learning rate (cosine-decayed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; CPU runs with the same seed repeat exactly.")
 @click.option("--mid-layers", type=int, default=4, show_default=True, help="Grouped conv layers per stage (m).")
-@click.option("--groups", type=int, default=1, show_default=True, help="Groups of the mid conv layers (1, 2 or 3).")
+@click.option("--groups", type=int, default=1, show_default=True, help="Groups of the mid conv layers (1, 2, 3 or 6).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
