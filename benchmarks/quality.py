@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sv_deploy.normalize import cast
 from sv_deploy.resize import downsample
 from sv_deploy.volume_io import read_volume, write_volume
 
@@ -46,11 +47,7 @@ def make_pair(src: Path, work: Path, name: str, factor: int, channel=None, crop=
     if crop:
         data = data[tuple(slice(0, c) for c in crop)]
     data = data[tuple(slice(0, n // factor * factor) for n in data.shape)]
-    lr = downsample(data.astype(np.float32), (factor,) * 3)
-    if data.dtype.kind in "ui":
-        info = np.iinfo(data.dtype)
-        lr = np.clip(np.rint(lr), info.min, info.max)
-    lr = lr.astype(data.dtype)
+    lr = cast(downsample(data.astype(np.float32), (factor,) * 3), data.dtype)
     truth, low = work / f"{name}_truth.tif", work / f"{name}_lr.tif"
     lr_voxel = tuple(None if v is None else v * factor for v in vol.voxel_size)
     write_volume(truth, [data], data.shape, data.dtype, "ZYX", vol.voxel_size)

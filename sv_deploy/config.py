@@ -11,6 +11,14 @@ Factors = Tuple[int, int, int]
 Shape3 = Tuple[int, int, int]
 
 
+def total_factors(stages) -> Factors:
+    """Per-axis product of chained stage factors."""
+    z = y = x = 1
+    for fz, fy, fx in stages:
+        z, y, x = z * fz, y * fy, x * fx
+    return (z, y, x)
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """One FSRCNN-style stage (GUIDE.md section 1)."""
@@ -93,10 +101,7 @@ class ModelConfig:
     provenance: Optional[Provenance] = None
 
     def total_factors(self) -> Factors:
-        z = y = x = 1
-        for fz, fy, fx in self.stages:
-            z, y, x = z * fz, y * fy, x * fx
-        return (z, y, x)
+        return total_factors(self.stages)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import UserError
 from .factors import parse_scale
+from .normalize import cast
 from .simulate import bead_pair, beads
 from .volume_io import check_output_path, scaled_voxel_size, write_volume
 
@@ -37,7 +38,7 @@ def write_beads(
     hr = beads(shape, count, sigma, window, seed)
     lr = bead_pair(hr, factors)
     for path, vol, size in ((hr_path, hr, voxel_size), (lr_path, lr, scaled_voxel_size(voxel_size, factors))):
-        data = np.clip(np.rint(vol * UINT16_PEAK), 0, 65535).astype(np.uint16)
+        data = cast(vol * UINT16_PEAK, np.uint16)
         write_volume(path, [data], data.shape, np.uint16, "ZYX", size)
     return hr_path, lr_path
 

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backends import Backend
-from .config import ArchConfig, Factors, Shape3
+from .config import ArchConfig, Factors, Shape3, total_factors
 from .geometry import ensemble_transforms, forward, inverse
 from .resize import downsample, upsample
 from .tiling import Tile, plan_tiles, slabs, to_slices, total_halo
@@ -71,10 +71,6 @@ def enhance_block(
     return x.astype(np.float32, copy=False)
 
 
-def _total(stages: Sequence[Factors]) -> Factors:
-    return tuple(int(np.prod([s[a] for s in stages])) for a in range(3))  # type: ignore
-
-
 def iter_slabs(
     backend: Backend,
     stages: Sequence[Factors],
@@ -88,7 +84,7 @@ def iter_slabs(
 
     Peak memory is one slab plus one tile, whatever the output size.
     """
-    factors = _total(stages)
+    factors = total_factors(stages)
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, factors)
     out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])

@@ -11,6 +11,7 @@ from .config import Factors
 from .enhance import back_project
 from .errors import UserError
 from .metrics import Scores, match_minmse, score
+from .normalize import clip_to_dtype
 from .resize import upsample
 
 
@@ -61,19 +62,12 @@ def evaluate(
         factors = infer_factors(reference.shape, lowres.shape)
         lr = lowres.astype(np.float32)
         cubic = upsample(lr, factors)
-        rows.append(score_row("tricubic", _as_written(cubic, lowres.dtype), reference))
+        # baselines clamped to the input's pixel-type range, as our written output is
+        rows.append(score_row("tricubic", clip_to_dtype(cubic, lowres.dtype), reference))
         if bp_iters > 0:
-            bp = _as_written(back_project(cubic, lr, factors, bp_iters), lowres.dtype)
+            bp = clip_to_dtype(back_project(cubic, lr, factors, bp_iters), lowres.dtype)
             rows.append(score_row(f"tricubic + back-projection ({bp_iters} it)", bp, reference))
     return rows
-
-
-def _as_written(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Clamp a baseline to the input's pixel-type range, as it would be if saved like our output."""
-    if np.dtype(dtype).kind in "ui":
-        info = np.iinfo(dtype)
-        return np.clip(x, info.min, info.max)
-    return x
 
 
 def format_table(rows: Sequence[Row]) -> str:

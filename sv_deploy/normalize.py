@@ -29,12 +29,24 @@ def normalize(volume: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.ndarray:
     """Back to the input's units; integer dtypes are rounded and clamped to their range."""
-    out = volume.astype(np.float32) * np.float32(high - low) + np.float32(low)
+    return cast(volume.astype(np.float32) * np.float32(high - low) + np.float32(low), dtype)
+
+
+def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Clamp to an integer pixel type's range (floats pass unchanged); values stay float."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return out.astype(dtype)
+        return np.clip(x, info.min, info.max)
+    return x
+
+
+def cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float values into a pixel type: integers are rounded and clamped, never wrapped."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        x = clip_to_dtype(np.rint(x), dtype)
+    return x.astype(dtype)
 
 
 def valid_range(dtype: np.dtype, low: float, high: float) -> Optional[Tuple[float, float]]:
