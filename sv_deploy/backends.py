@@ -43,3 +43,56 @@ class TorchBackend:
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             return self.stages[stage](t).float().cpu().numpy()
+
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+ENGINE_SUFFIX = ".trt.json"  # the engine manifest `sv-deploy export --engine` writes
+
+
+def model_kind(path: str) -> str:
+    name = str(path).lower()
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith(ENGINE_SUFFIX):
+        return "engine"
+    return "svmodel"
+
+
+def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print):
+    """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest."""
+    kind = model_kind(path)
+    if backend == "auto":
+        backend = {"svmodel": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
+    if backend == "torch":
+        if kind != "svmodel":
+            raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")
+        from .model_file import load_model
+
+        config, stages, _ = load_model(path)
+        return config, TorchBackend(stages, pick_device(device))
+    if backend == "onnxruntime":
+        from .ort_backend import OnnxRuntimeBackend
+
+        if kind == "engine":
+            raise UserError(f"{path} is a TensorRT engine manifest; use --backend tensorrt or pass the .onnx file")
+        if kind == "svmodel":
+            from .export import to_onnx
+            from .model_file import load_model
+
+            config, stages, digest = load_model(path)
+            log(f"exporting {path} to ONNX in memory (save this step with 'sv-deploy export')")
+            runner = OnnxRuntimeBackend(to_onnx(config, stages, digest), device=device)
+        else:
+            runner = OnnxRuntimeBackend(path, device=device)
+        return runner.config, runner
+    if backend == "tensorrt":
+        if kind != "engine":
+            raise UserError(
+                f"--backend tensorrt runs an engine; build one with 'sv-deploy export {path} -o DIR --engine' "
+                f"and pass its {ENGINE_SUFFIX} manifest"
+            )
+        from .trt_engine import TensorRTBackend
+
+        runner = TensorRTBackend(path)
+        return runner.config, runner
+    raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")

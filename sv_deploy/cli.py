@@ -202,7 +202,8 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 @click.option("--tile", callback=_triple(int), help="Tile core z,y,x in input voxels (default 32,96,96); smaller uses less memory.")
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
               show_default=True, help="Output pixel type.")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="auto picks by MODEL: .svmodel -> torch, .onnx -> onnxruntime, .trt.json -> tensorrt.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -212,19 +213,21 @@ def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backen
           axes, channel, time_index, voxel_size):
     """Enhance INPUT with MODEL and write an OME-TIFF with the voxel size divided by the factors.
 
+    MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'.
+
     \b
     Examples:
       sv-deploy infer stack.svmodel stack.tif -o stack_x2.ome.tif
       sv-deploy infer stack.svmodel big.tif -o big_x2.ome.tif --tile 16,64,64 --no-ensemble
+      sv-deploy infer export/stack.onnx stack.tif -o stack_x2.ome.tif
     """
-    from .backends import TorchBackend, pick_device
+    from .backends import open_backend
     from .enhance import InferenceOptions, iter_slabs
-    from .model_file import load_model
     from .normalize import denormalize, normalize, percentiles, valid_range
     from .volume_io import scaled_voxel_size, write_volume
 
     out = _tiff_output(output, overwrite)
-    config, stages, _ = load_model(model)
+    config, runner = open_backend(model, backend, device, log=lambda m: click.echo(m, err=True))
     vol = _read(input_path, axes, channel, time_index, voxel_size)
     factors = config.total_factors()
     if vol.axes == "YX" and factors[0] != 1:
@@ -234,7 +237,6 @@ def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backen
         )
     dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters, **({"tile": tile} if tile else {}))
-    runner = TorchBackend(stages, pick_device(device))
     low, high = percentiles(vol.data, config.norm)
     x = normalize(vol.data, low, high)
     shape = tuple(n * f for n, f in zip(x.shape, factors))
@@ -314,6 +316,59 @@ def simulate_beads(outdir, shape, count, sigma, window, scale, voxel_size, seed,
 
     hr, lr = write_beads(Path(outdir), shape, count, sigma, window, scale, voxel_size, seed, overwrite)
     click.echo(f"wrote {hr} and {lr}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Directory for the .onnx (and engine) files.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the graph; TensorRT 11 builds the engine in the graph's precision.")
+@click.option("--engine", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
+@click.option("--plugin/--no-plugin", default=True, show_default=True,
+              help="Engine shuffle: our PixelShuffle3D plugin, or TensorRT's own ops from the ONNX function.")
+@click.option("--tile", callback=_triple(int), help="Tile core z,y,x the engine is optimised for (default: infer's 32,96,96).")
+@click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
+              help="Back-projection iterations the engine's largest tile must allow (sets its halo).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files in OUTDIR.")
+@friendly
+def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
+    """Export MODEL to one ONNX file (all stages chained) and, with --engine, a TensorRT engine.
+
+    The ONNX runs on ONNX Runtime anywhere: 'sv-deploy infer OUTDIR/NAME.onnx INPUT -o OUT'.
+
+    \b
+    Examples:
+      sv-deploy export stack.svmodel -o export/
+      sv-deploy export stack.svmodel -o export/ --precision fp16 --engine --tile 16,128,128
+    """
+    from .export import onnx_path, save_onnx, to_onnx
+    from .model_file import load_model
+    from .volume_io import check_output_path
+
+    src = Path(model)
+    dest = Path(outdir)
+    target = onnx_path(dest, src, precision)
+    if engine:
+        from .trt_engine import require_tensorrt
+
+        require_tensorrt()  # before any file is written
+    config, stages, digest = load_model(src)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file; -o takes a directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    check_output_path(target, overwrite)
+    click.echo(f"exporting {src} ({len(stages)} stage(s), {precision}) to ONNX...", err=True)
+    graph = to_onnx(config, stages, digest, precision)
+    save_onnx(graph, target)
+    click.echo(f"wrote {target} (checked with onnx.checker, full check)", err=True)
+    if engine:
+        from .enhance import InferenceOptions
+        from .trt_engine import build_engines
+
+        options = InferenceOptions(bp_iters=bp_iters, **({"tile": tile} if tile else {}))
+        manifest = build_engines(target, graph, options, plugin=plugin, overwrite=overwrite,
+                                 log=lambda m: click.echo(m, err=True))
+        click.echo(f"wrote {manifest}", err=True)
 
 
 @main.command()

@@ -15,15 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import shuffle_op
 from .config import ArchConfig, Factors
 from .resize import phase_weights
 
 
 def pixel_shuffle_3d(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """(N, C*rz*ry*rx, D, H, W) -> (N, C, D*rz, H*ry, W*rx); channel = (i*ry + j)*rx + k."""
+    """(N, C*rz*ry*rx, D, H, W) -> (N, C, D*rz, H*ry, W*rx); channel = (i*ry + j)*rx + k.
+
+    Under ONNX export it becomes one custom-domain node (see `shuffle_op`), not a reshape chain.
+    """
     rz, ry, rx = (int(f) for f in factors)
     n, c, d, h, w = x.shape
     oc = c // (rz * ry * rx)
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(
+            f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}",
+            (x,),
+            attrs=shuffle_op.node_attributes((rz, ry, rx)),
+            dtype=x.dtype,
+            shape=(n, oc, d * rz, h * ry, w * rx),
+            version=1,
+        )
     x = x.reshape(n, oc, rz, ry, rx, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(n, oc, d * rz, h * ry, w * rx)
 

@@ -1,5 +1,3 @@
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -8,18 +6,7 @@ from sv_deploy.config import ArchConfig
 from sv_deploy.model import SVStage, count_parameters, pixel_shuffle_3d
 from sv_deploy.resize import upsample
 
-
-def shuffle_reference(x: np.ndarray, factors) -> np.ndarray:
-    """Loop form of the 3D sub-pixel convolution output: channel (i*ry + j)*rx + k -> offset (i, j, k)."""
-    rz, ry, rx = factors
-    n, c, d, h, w = x.shape
-    oc = c // (rz * ry * rx)
-    out = np.zeros((n, oc, d * rz, h * ry, w * rx), x.dtype)
-    for o in range(oc):
-        for i, j, k in itertools.product(range(rz), range(ry), range(rx)):
-            ch = o * rz * ry * rx + (i * ry + j) * rx + k
-            out[:, o, i::rz, j::ry, k::rx] = x[:, ch]
-    return out
+from reference import shuffle_reference
 
 
 @pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 3), (3, 2, 1), (1, 4, 4)])

@@ -1,0 +1,132 @@
+"""Pure ONNX graph edits around the exported network: the PixelShuffle3D local function, stage
+boundaries, metadata, and per-stage sub-models.
+
+Kept free of torch so ONNX Runtime and TensorRT users read the file with onnx alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Sequence
+
+import onnx
+from onnx import AttributeProto, TensorProto, helper
+
+from . import shuffle_op
+
+MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads at most IR 13; TensorRT 10 parsers want <= 10
+META_FORMAT = "sv-deploy-onnx"
+META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision",
+             "source_sha256", "versions")
+
+
+def shuffle_function(opset: int) -> onnx.FunctionProto:
+    """PixelShuffle3D as standard ops: Shape/Concat -> Reshape -> 8-D Transpose -> Reshape."""
+    factors = helper.make_node("Constant", [], ["f"])
+    ref = AttributeProto(name="value_ints", ref_attr_name="factors", type=AttributeProto.INTS)
+    factors.attribute.append(ref)
+    nodes = [
+        factors,
+        helper.make_node("Shape", ["input"], ["n"], start=0, end=1),
+        helper.make_node("Shape", ["input"], ["c"], start=1, end=2),
+        helper.make_node("Shape", ["input"], ["dhw"], start=2),
+        helper.make_node("ReduceProd", ["f"], ["phases"], keepdims=1),
+        helper.make_node("Div", ["c", "phases"], ["oc"]),
+        helper.make_node("Concat", ["n", "oc", "f", "dhw"], ["split_shape"], axis=0),
+        helper.make_node("Reshape", ["input", "split_shape"], ["split"]),
+        helper.make_node("Transpose", ["split"], ["interleaved"], perm=list(shuffle_op.PERMUTATION)),
+        helper.make_node("Mul", ["dhw", "f"], ["out_dhw"]),
+        helper.make_node("Concat", ["n", "oc", "out_dhw"], ["out_shape"], axis=0),
+        helper.make_node("Reshape", ["interleaved", "out_shape"], ["output"]),
+    ]
+    return helper.make_function(
+        shuffle_op.DOMAIN,
+        shuffle_op.NAME,
+        ["input"],
+        ["output"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=["factors", "plugin_namespace", "plugin_version"],
+    )
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def shuffle_nodes(model: onnx.ModelProto) -> List[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == shuffle_op.DOMAIN and n.op_type == shuffle_op.NAME]
+
+
+def name_stage_outputs(model: onnx.ModelProto) -> List[str]:
+    """Give each stage's output (a shuffle output) a stable name; return [input, stage1, ..., output].
+
+    Stages form a chain, so the shuffles appear in stage order in the topologically sorted graph.
+    """
+    graph = model.graph
+    shuffles = shuffle_nodes(model)
+    final = graph.output[0].name
+    if not shuffles or shuffles[-1].output[0] != final:
+        raise ValueError("the graph must end in a PixelShuffle3D node")
+    names = [graph.input[0].name]
+    elem = graph.input[0].type.tensor_type.elem_type
+    for i, node in enumerate(shuffles[:-1], start=1):
+        old, new = node.output[0], f"stage{i}_output"
+        node.output[0] = new
+        for other in graph.node:
+            for k, name in enumerate(other.input):
+                if name == old:
+                    other.input[k] = new
+        graph.value_info.append(
+            helper.make_tensor_value_info(new, elem, ["N", 1, f"D{i}", f"H{i}", f"W{i}"])
+        )
+        names.append(new)
+    names.append(final)
+    return names
+
+
+def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
+    """Attach the local function, pin the IR version, write metadata, and run the full checker."""
+    opset = default_opset(model)
+    if not any(f.domain == shuffle_op.DOMAIN and f.name == shuffle_op.NAME for f in model.functions):
+        model.functions.append(shuffle_function(opset))
+    if not any(o.domain == shuffle_op.DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(shuffle_op.DOMAIN, 1))
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    del model.metadata_props[:]
+    helper.set_model_props(model, {f"sv_deploy.{k}": v for k, v in metadata.items()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def read_metadata(model: onnx.ModelProto) -> Dict[str, str]:
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("sv_deploy.format") != META_FORMAT:
+        raise ValueError("not an ONNX file exported by sv-deploy (no sv_deploy.format metadata)")
+    return {k: props[f"sv_deploy.{k}"] for k in META_KEYS if f"sv_deploy.{k}" in props}
+
+
+def stage_tensors(model: onnx.ModelProto) -> List[str]:
+    return json.loads(read_metadata(model)["stage_tensors"])
+
+
+def extract_stage(model: onnx.ModelProto, index: int) -> onnx.ModelProto:
+    """Sub-model for one stage, so ensemble and back-projection can run between stages."""
+    names = stage_tensors(model)
+    if len(names) == 2:
+        return model
+    sub = onnx.utils.Extractor(model).extract_model([names[index]], [names[index + 1]])
+    sub.ir_version = model.ir_version
+    return sub
+
+
+def elem_type(model: onnx.ModelProto) -> int:
+    return model.graph.input[0].type.tensor_type.elem_type
+
+
+def is_fp16(model: onnx.ModelProto) -> bool:
+    return elem_type(model) == TensorProto.FLOAT16
+
+
+def json_field(values: Sequence) -> str:
+    return json.dumps(list(values))

@@ -1,0 +1,107 @@
+"""ONNX Runtime backend: runs an exported .onnx behind the same `Backend.predict` as torch.
+
+One file holds all stages chained; per-stage sessions come from sub-models cut at the named stage
+outputs, so the ensemble and back-projection between stages stay in `enhance`, shared by all backends.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+import onnx
+
+from . import onnx_graph
+from .config import ModelConfig
+from .errors import UserError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path))
+        onnx_graph.read_metadata(model)
+    except (onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, OSError) as exc:  # type: ignore[attr-defined]
+        raise UserError(f"{path} is not an sv-deploy ONNX export ({exc}); create one with 'sv-deploy export'") from None
+    except Exception as exc:  # protobuf raises its own DecodeError for non-ONNX bytes
+        raise UserError(f"{path} is not an ONNX file ({type(exc).__name__}); create one with 'sv-deploy export'") from None
+    return model
+
+
+def onnx_config(model: onnx.ModelProto) -> ModelConfig:
+    return ModelConfig.from_json(onnx_graph.read_metadata(model)["config"])
+
+
+def session_options(threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def pick_providers(device: str) -> List[str]:
+    """auto: CUDA when onnxruntime-gpu offers it, else CPU; cuda: CUDA required (with CPU fallback)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if device.startswith("cuda") and CUDA not in available:
+        raise UserError(
+            "ONNX Runtime here has no CUDA execution provider; install onnxruntime-gpu "
+            "(pip install 'sv-deploy[gpu]') or use --device cpu"
+        )
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, model: Union[onnx.ModelProto, str, os.PathLike], device: str = "auto",
+                 threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        if not isinstance(model, onnx.ModelProto):
+            model = load_onnx(model)
+        self.model = model
+        self.config = onnx_config(model)
+        self.dtype = np.float16 if onnx_graph.is_fp16(model) else np.float32
+        providers = pick_providers(device)
+        opts = session_options(threads)
+        count = len(onnx_graph.stage_tensors(model)) - 1
+        parts = [onnx_graph.extract_stage(model, i) for i in range(count)]
+        self.sessions = [
+            ort.InferenceSession(p.SerializeToString(), sess_options=opts, providers=providers) for p in parts
+        ]
+        self._chain = None
+        active = self.sessions[0].get_providers()
+        if CUDA in providers and CUDA not in active:
+            warnings.warn("ONNX Runtime could not start its CUDA provider (see its log); running on CPU")
+        self.name = f"onnxruntime ({'cuda' if CUDA in active else 'cpu'}, {'fp16' if self.dtype == np.float16 else 'fp32'})"
+        self._providers, self._opts = providers, opts
+
+    def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
+        session = self.sessions[stage]
+        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=self.dtype)}
+        return session.run(None, feed)[0].astype(np.float32, copy=False)
+
+    def run_chain(self, x: np.ndarray) -> np.ndarray:
+        """All stages in one call on the whole file (what an external runtime sees)."""
+        import onnxruntime as ort
+
+        if self._chain is None:
+            self._chain = ort.InferenceSession(
+                self.model.SerializeToString(), sess_options=self._opts, providers=self._providers
+            )
+        feed = {"input": np.ascontiguousarray(x, dtype=self.dtype)}
+        return self._chain.run(None, feed)[0].astype(np.float32, copy=False)
