@@ -102,7 +102,7 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
 def read_metadata(model: onnx.ModelProto) -> Dict[str, str]:
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("sv_deploy.format") != META_FORMAT:
-        raise ValueError("not an ONNX file exported by sv-deploy (no sv_deploy.format metadata)")
+        raise ValueError("no sv_deploy.format metadata")
     return {k: props[f"sv_deploy.{k}"] for k in META_KEYS if f"sv_deploy.{k}" in props}
 
 

@@ -153,3 +153,39 @@ def test_ctrl_c_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop):
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.ome.tif.partial-*"))
+
+
+def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, tmp_path):
+    result = run("export", model_file, "-o", tmp_path / "exp")
+    assert result.exit_code == 0, result.output
+    onnx_file = tmp_path / "exp" / "small.onnx"
+    assert onnx_file.is_file()
+    common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q"]
+    torch_out, ort_out = tmp_path / "t.ome.tif", tmp_path / "o.ome.tif"
+    assert run("infer", model_file, lr_file, "-o", torch_out, "--backend", "torch", *common).exit_code == 0
+    result = run("infer", onnx_file, lr_file, "-o", ort_out, "--backend", "onnxruntime", *common)
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.stderr
+    a, b = read_volume(torch_out), read_volume(ort_out)
+    assert a.voxel_size == b.voxel_size
+    span = float(a.data.max() - a.data.min())
+    assert np.abs(a.data - b.data).max() <= 1e-5 * span
+
+
+def test_export_errors(model_file, lr_file, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        result = run("export", model_file, "-o", tmp_path / "e", "--engine")
+        assert_one_line_error(result, "TensorRT is not installed")
+        assert not (tmp_path / "e").exists()
+    assert_one_line_error(run("export", lr_file, "-o", tmp_path / "e2"), "not an sv-deploy model")
+    assert not (tmp_path / "e2").exists()
+    not_onnx = tmp_path / "fake.onnx"
+    not_onnx.write_bytes(b"\x00not a protobuf at all")
+    assert_one_line_error(run("infer", not_onnx, lr_file, "-o", tmp_path / "x.ome.tif"), "fake.onnx")
+    assert not (tmp_path / "x.ome.tif").exists()
+    assert_one_line_error(
+        run("infer", model_file, lr_file, "-o", tmp_path / "y.ome.tif", "--backend", "tensorrt"), "export"
+    )

@@ -1,0 +1,251 @@
+"""TensorRT layer: our PixelShuffle3D plugin, engine building, and the TensorRT backend.
+
+A thin layer over `trt_plan` (pure, tested on CI) written to TensorRT's documented Python API:
+`tensorrt.plugin` quickly deployable plugins (register / autotune / impl / aot_impl, TensorRT >= 10.9
+for aot_impl), `OnnxParser`, optimization profiles, a timing cache, `execute_async_v3`.
+It targets TensorRT 10.9 to 11.x. TensorRT cannot be installed where this project is developed,
+so this module has not been run there (README says so); its tests skip without tensorrt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, List, Tuple, Union
+
+import numpy as np
+import onnx
+
+from . import onnx_graph, shuffle_op
+from .config import ModelConfig
+from .errors import UserError
+from .trt_plan import EngineManifest, Profile, check_compatible, profile_error, stage_profiles, without_plugin
+from .volume_io import atomic_output
+
+PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
+TIMING_CACHE = "timing.cache"
+_registered = False
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError(
+            "TensorRT is not installed; install it from NVIDIA's package index "
+            "(pip install 'sv-deploy[tensorrt]' with NVIDIA's index, see the README) or use the .onnx "
+            "with --backend onnxruntime"
+        ) from None
+    return trt
+
+
+def register_plugin() -> None:
+    """Register sv_deploy::PixelShuffle3D with TensorRT's plugin registry (once per process).
+
+    The parser swaps it in for every node that carries plugin_namespace="sv_deploy". With aot_impl
+    the engine embeds our Triton kernel's PTX and runs without Python (trtexec, C++); `impl` is the
+    JIT fallback for TensorRT releases without aot_impl.
+    """
+    global _registered
+    if _registered:
+        return
+    from typing import Tuple as Tup
+
+    import numpy.typing as npt
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    from .kernels import pixel_shuffle3d as kernel
+
+    @trtp.register(PLUGIN_ID)
+    def pixel_shuffle3d_desc(inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32]) -> trtp.TensorDesc:
+        rz, ry, rx = (int(f) for f in factors)
+        out = inp0.like()
+        out.shape_expr[1] = inp0.shape_expr[1] // (rz * ry * rx)
+        out.shape_expr[2] = inp0.shape_expr[2] * rz
+        out.shape_expr[3] = inp0.shape_expr[3] * ry
+        out.shape_expr[4] = inp0.shape_expr[4] * rx
+        return out
+
+    @trtp.autotune(PLUGIN_ID)
+    def pixel_shuffle3d_autotune(inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32],
+                                 outputs: Tup[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16", "LINEAR")]
+
+    @trtp.impl(PLUGIN_ID)
+    def pixel_shuffle3d_impl(inp0: trtp.Tensor, factors: npt.NDArray[np.int32],
+                             outputs: Tup[trtp.Tensor], stream: int) -> None:
+        import torch
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            x = torch.as_tensor(inp0, device="cuda")
+            y = torch.as_tensor(outputs[0], device="cuda")
+            kernel.pixel_shuffle3d(x, [int(f) for f in factors], out=y)
+
+    if hasattr(trtp, "aot_impl"):
+
+        @trtp.aot_impl(PLUGIN_ID)
+        def pixel_shuffle3d_aot_impl(
+            inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32], outputs: Tup[trtp.TensorDesc], tactic: int
+        ) -> Tup[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+            dtype = "fp16" if inp0.dtype == trt.float16 else "fp32"
+            compiled = kernel.compile_plain(dtype, [int(f) for f in factors])
+            out = outputs[0].shape_expr
+            inp = inp0.shape_expr
+            params = trtp.KernelLaunchParams()
+            params.grid_x = trtp.cdiv(out.numel(), kernel.BLOCK)
+            params.block_x = compiled.metadata.num_warps * 32
+            params.shared_mem = compiled.metadata.shared
+            # Kernel order: input, (n_out, channels, depth, height, width), output.
+            extra = trtp.SymIntExprs.from_tuple(
+                [trtp.SymInt32(e) for e in (out.numel(), out[1], inp[2], inp[3], inp[4])]
+            )
+            return compiled.metadata.name, compiled.asm["ptx"], params, extra
+
+    _registered = True
+
+
+def _gpu() -> Tuple[str, Tuple[int, int]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("TensorRT needs an NVIDIA GPU and PyTorch sees none; use the .onnx with --backend onnxruntime")
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+
+
+def _network_flags(trt) -> int:
+    flags = 0
+    for name in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):  # 11.x ignores the first; 10.9+ has the second
+        if hasattr(trt.NetworkDefinitionCreationFlag, name):
+            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    return flags
+
+
+def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_bytes: bytes, logger):
+    """Serialized engine for one stage, and the updated timing cache."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(stage_model.SerializeToString()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError("TensorRT failed to build the engine (see its log above); try a smaller --tile")
+    return bytes(plan), bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool = True, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> Path:
+    """One engine per stage (ensemble and back-projection run between stages) plus a JSON manifest."""
+    trt = require_tensorrt()
+    gpu_name, capability = _gpu()
+    if plugin:
+        register_plugin()
+    config = ModelConfig.from_json(onnx_graph.read_metadata(graph)["config"])
+    profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble)
+    outdir = onnx_path.parent
+    kind = "plugin" if plugin else "builtin"
+    manifest_path = outdir / f"{onnx_path.stem}.{kind}.trt.json"
+    if manifest_path.exists() and not overwrite:
+        raise UserError(f"{manifest_path} already exists; pass --overwrite to rebuild")
+    cache_path = outdir / TIMING_CACHE
+    cache = cache_path.read_bytes() if cache_path.exists() else b""
+    logger = trt.Logger(trt.Logger.WARNING)
+    names = []
+    for i, profile in enumerate(profiles):
+        stage_model = onnx_graph.extract_stage(graph, i)
+        if not plugin:
+            stage_model = without_plugin(stage_model)
+        log(f"building TensorRT engine for stage {i + 1}/{len(profiles)} ({kind} shuffle, up to {profile.max})...")
+        plan, cache = build_engine(trt, stage_model, profile, cache, logger)
+        name = f"{onnx_path.stem}.{kind}.stage{i + 1}.engine"
+        with atomic_output(outdir / name) as tmp:
+            tmp.write_bytes(plan)
+        names.append(name)
+    with atomic_output(cache_path) as tmp:
+        tmp.write_bytes(cache)
+    manifest = EngineManifest(
+        engines=tuple(names), profiles=tuple(profiles), tensorrt_version=trt.__version__, gpu_name=gpu_name,
+        compute_capability=capability, plugin=plugin, plugin_version=shuffle_op.PLUGIN_VERSION,
+        precision=onnx_graph.read_metadata(graph)["precision"], source_onnx=onnx_path.name,
+        source_onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), config=config.to_json(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    with atomic_output(manifest_path) as tmp:
+        tmp.write_text(manifest.to_json())
+    return manifest_path
+
+
+def read_manifest(path: Union[str, Path]) -> EngineManifest:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such engine manifest")
+    try:
+        return EngineManifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not an sv-deploy engine manifest ({exc}); build one with 'sv-deploy export --engine'") from None
+
+
+class TensorRTBackend:
+    """Runs the per-stage engines behind `Backend.predict`, on one CUDA stream."""
+
+    def __init__(self, manifest_path: Union[str, Path]):
+        import torch
+
+        trt = require_tensorrt()
+        path = Path(manifest_path)
+        self.manifest = read_manifest(path)
+        gpu_name, capability = _gpu()
+        check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path))
+        if self.manifest.plugin:
+            register_plugin()  # the JIT fallback needs it; AOT engines do not, and it costs nothing
+        self.config = ModelConfig.from_json(self.manifest.config)
+        self.dtype = torch.float16 if self.manifest.precision == "fp16" else torch.float32
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(logger)
+        self.engines, self.contexts = [], []
+        for name in self.manifest.engines:
+            engine = self._runtime.deserialize_cuda_engine((path.parent / name).read_bytes())
+            if engine is None:
+                raise UserError(f"TensorRT could not load {path.parent / name}; rebuild it with 'sv-deploy export --engine'")
+            self.engines.append(engine)
+            self.contexts.append(engine.create_execution_context())
+        self.io = [self._io_names(trt, e) for e in self.engines]
+        self.stream = torch.cuda.Stream()
+        self.name = f"tensorrt {trt.__version__} ({'plugin' if self.manifest.plugin else 'built-in'} shuffle, {self.manifest.precision})"
+
+    @staticmethod
+    def _io_names(trt, engine) -> Tuple[str, str]:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        return inputs[0], outputs[0]
+
+    def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        problem = profile_error(stage, self.manifest.profiles[stage], x.shape)
+        if problem:
+            raise UserError(problem)
+        ctx = self.contexts[stage]
+        in_name, out_name = self.io[stage]
+        with torch.cuda.stream(self.stream):
+            inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to("cuda", non_blocking=True).to(self.dtype)
+            ctx.set_input_shape(in_name, tuple(inp.shape))
+            out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), dtype=self.dtype, device="cuda")
+            ctx.set_tensor_address(in_name, inp.data_ptr())
+            ctx.set_tensor_address(out_name, out.data_ptr())
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise UserError(f"TensorRT failed to run stage {stage + 1}")
+            result = out.float().cpu()
+        self.stream.synchronize()
+        return result.numpy()
+

@@ -1,0 +1,163 @@
+"""Pure functions behind the TensorRT layer: optimization profiles from the tile plan, the plugin's
+attribute -> field mapping, graph edits for the built-in baseline, and the engine manifest.
+
+Nothing here imports tensorrt, so CI tests all of it; `trt_engine` only wires these to the API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from . import shuffle_op
+from .config import ArchConfig, Factors, Shape3
+from .errors import UserError
+from .geometry import ensemble_transforms
+from .tiling import total_halo
+
+Shape5 = Tuple[int, int, int, int, int]
+MANIFEST_FORMAT = "sv-deploy-trt"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile (min, opt, max) for a stage's input tensor."""
+
+    min: Shape5
+    opt: Shape5
+    max: Shape5
+
+
+def ensemble_batch(factors: Factors, ensemble: bool) -> int:
+    """Largest batch `enhance.predict_ensemble` sends: members that keep the tile's y-x orientation."""
+    transforms = ensemble_transforms(factors, ensemble)
+    return max(sum(1 for t in transforms if t[0] % 2 == parity) for parity in (0, 1))
+
+
+def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp_iters: int,
+                   ensemble: bool = True) -> List[Profile]:
+    """Profiles covering every tile `enhance.iter_slabs` can send to each stage.
+
+    The largest tile is the core plus the halo on both sides; a quarter turn swaps y and x, so
+    when the ensemble turns tiles both lateral sizes get the larger bound. Later stages see the
+    previous stage's output. Tiles at volume edges and small volumes are smaller: min is 1.
+    """
+    halo = total_halo(stages, arch, bp_iters)
+    size = [tile[a] + 2 * halo[a] for a in range(3)]
+    profiles = []
+    for factors in stages:
+        batch = ensemble_batch(factors, ensemble)
+        d, h, w = size
+        if ensemble and factors[1] == factors[2]:
+            h = w = max(h, w)
+        largest = (batch, 1, d, h, w)
+        profiles.append(Profile(min=(1, 1, 1, 1, 1), opt=largest, max=largest))
+        size = [size[a] * factors[a] for a in range(3)]
+    return profiles
+
+
+def plugin_fields(node: onnx.NodeProto) -> Dict[str, np.ndarray]:
+    """The fields TensorRT's parser hands our plugin for one PixelShuffle3D node (INTS -> int32).
+
+    Validates what the plugin's shape function relies on, so a bad graph fails before a build.
+    """
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type != shuffle_op.NAME:
+        raise ValueError(f"node {node.name!r} is a {node.op_type}, not {shuffle_op.NAME}")
+    if "factors" not in attrs:
+        raise ValueError(f"{shuffle_op.NAME} node {node.name!r} has no 'factors' attribute")
+    factors = np.asarray(list(attrs["factors"].ints), dtype=np.int32)
+    if factors.shape != (3,) or (factors < 1).any():
+        raise ValueError(f"{shuffle_op.NAME} node {node.name!r}: factors must be 3 positive ints, got {factors}")
+    namespace = attrs.get("plugin_namespace")
+    if namespace is not None and namespace.s.decode() != shuffle_op.DOMAIN:
+        raise ValueError(f"{shuffle_op.NAME} node {node.name!r} names plugin namespace {namespace.s.decode()!r}")
+    return {"factors": factors}
+
+
+def without_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy whose shuffle nodes carry no plugin_namespace, so TensorRT inlines the ONNX function
+    (its built-in Reshape/Transpose path: the baseline the plugin is measured against)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == shuffle_op.DOMAIN and node.op_type == shuffle_op.NAME:
+            keep = [a for a in node.attribute if a.name != "plugin_namespace"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return copy
+
+
+def uses_plugin(model: onnx.ModelProto) -> bool:
+    return any(
+        a.name == "plugin_namespace"
+        for n in model.graph.node
+        if n.op_type == shuffle_op.NAME
+        for a in n.attribute
+    )
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """Sidecar of a set of per-stage engines: what they were built from, where, and for what."""
+
+    engines: Tuple[str, ...]  # file names beside the manifest, one per stage
+    profiles: Tuple[Profile, ...]
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: Tuple[int, int]
+    plugin: bool  # True: our PixelShuffle3D plugin; False: TensorRT's inlined function
+    plugin_version: str
+    precision: str
+    source_onnx: str
+    source_onnx_sha256: str
+    config: str  # the model's ModelConfig JSON
+    created: str
+    format: str = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineManifest":
+        data = json.loads(text)
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError("not an sv-deploy TensorRT engine manifest")
+        data["engines"] = tuple(data["engines"])
+        data["profiles"] = tuple(Profile(*(tuple(p[k]) for k in ("min", "opt", "max"))) for p in data["profiles"])
+        data["compute_capability"] = tuple(data["compute_capability"])
+        return cls(**data)
+
+
+def check_compatible(manifest: EngineManifest, tensorrt_version: str, gpu_name: str,
+                     compute_capability: Tuple[int, int], where: str = "the engine") -> None:
+    """Engines only run on the TensorRT version and GPU architecture that built them."""
+    same_trt = manifest.tensorrt_version == tensorrt_version
+    same_gpu = tuple(manifest.compute_capability) == tuple(compute_capability)
+    if same_trt and same_gpu:
+        return
+    built = ".".join(map(str, manifest.compute_capability))
+    here = ".".join(map(str, compute_capability))
+    raise UserError(
+        f"{where} was built with TensorRT {manifest.tensorrt_version} for a {manifest.gpu_name} (compute {built}); "
+        f"this machine has TensorRT {tensorrt_version} and a {gpu_name} (compute {here}): rebuild it here with "
+        "'sv-deploy export MODEL -o DIR --engine'"
+    )
+
+
+def fits(profile: Profile, shape: Sequence[int]) -> bool:
+    return all(lo <= s <= hi for lo, s, hi in zip(profile.min, shape, profile.max))
+
+
+def profile_error(stage: int, profile: Profile, shape: Sequence[int]) -> Optional[str]:
+    if fits(profile, shape):
+        return None
+    return (
+        f"stage {stage + 1} got a tile of shape {tuple(shape)}, outside the engine's profile up to {profile.max}; "
+        "use a smaller --tile or rebuild the engine with 'sv-deploy export --engine --tile Z,Y,X'"
+    )

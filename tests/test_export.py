@@ -1,0 +1,134 @@
+"""ONNX export and the ONNX Runtime backend, on the small model trained on the real fly-brain crop."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sv_deploy import onnx_graph, shuffle_op
+from sv_deploy.backends import TorchBackend
+from sv_deploy.config import ModelConfig
+from sv_deploy.enhance import InferenceOptions, enhance_volume
+from sv_deploy.export import Chain, to_onnx
+from sv_deploy.metrics import psnr
+from sv_deploy.model import SVStage
+from sv_deploy.ort_backend import OnnxRuntimeBackend
+
+
+@pytest.fixture(scope="module")
+def x2(trained_small):
+    stage, _, x, (lo, hi) = trained_small
+    config = ModelConfig(stages=((2, 2, 2),), norm_values=(lo, hi))
+    return config, [stage], x
+
+
+@pytest.fixture(scope="module")
+def x4(trained_small):
+    """A two-stage x4 chain built from the trained x2 stage (the second stage reuses its weights)."""
+    stage, _, x, (lo, hi) = trained_small
+    config = ModelConfig(stages=((2, 2, 2), (2, 2, 2)), norm_values=(lo, hi))
+    return config, [stage, copy.deepcopy(stage)], x
+
+
+@pytest.fixture(scope="module")
+def x2_onnx(x2):
+    config, stages, _ = x2
+    return to_onnx(config, stages, "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def x4_onnx(x4):
+    config, stages, _ = x4
+    return to_onnx(config, stages, "1" * 64)
+
+
+def value_range(a):
+    return float(a.max() - a.min())
+
+
+def test_graph_has_the_custom_node_and_its_local_function(x2_onnx, x4_onnx):
+    for model, count in ((x2_onnx, 1), (x4_onnx, 2)):
+        nodes = onnx_graph.shuffle_nodes(model)
+        assert len(nodes) == count
+        assert all(n.domain == shuffle_op.DOMAIN for n in nodes)
+        attrs = {a.name: a for a in nodes[0].attribute}
+        assert list(attrs["factors"].ints) == [2, 2, 2]
+        assert attrs["plugin_namespace"].s.decode() == shuffle_op.DOMAIN
+        functions = [(f.domain, f.name) for f in model.functions]
+        assert functions == [(shuffle_op.DOMAIN, shuffle_op.NAME)]
+        assert [n.op_type for n in model.functions[0].node].count("Transpose") == 1
+        assert model.ir_version <= 10
+        onnx.checker.check_model(model, full_check=True)
+
+
+def test_metadata_describes_the_model(x4_onnx, x4):
+    config, _, _ = x4
+    meta = onnx_graph.read_metadata(x4_onnx)
+    assert ModelConfig.from_json(meta["config"]) == config
+    assert meta["factors"] == "[4, 4, 4]"
+    assert meta["stage_tensors"] == '["input", "stage1_output", "output"]'
+    assert int(meta["halo"]) == config.arch.halo()
+    assert meta["source_sha256"] == "1" * 64
+    assert "torch" in meta["versions"] and "onnx" in meta["versions"]
+
+
+def test_dynamic_axes(x2_onnx):
+    dims = x2_onnx.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", 1, "D", "H", "W"]
+
+
+def test_onnxruntime_equals_torch_per_stage_and_chained(x4, x4_onnx):
+    _, stages, x = x4
+    runner = OnnxRuntimeBackend(x4_onnx, device="cpu")
+    block = x[None, None, :10, :20, :24]
+    with torch.no_grad():
+        s1 = stages[0](torch.from_numpy(block)).numpy()
+        s2 = stages[1](torch.from_numpy(s1)).numpy()
+        chained = Chain(stages)(torch.from_numpy(block)).numpy()
+    assert s2.shape == (1, 1, 40, 80, 96)
+    np.testing.assert_allclose(runner.predict(0, block), s1, rtol=0, atol=1e-5 * value_range(s1))
+    np.testing.assert_allclose(runner.predict(1, s1), s2, rtol=0, atol=1e-5 * value_range(s2))
+    np.testing.assert_allclose(runner.run_chain(block), chained, rtol=0, atol=1e-5 * value_range(chained))
+
+
+def test_anisotropic_chain_exports_and_matches():
+    torch.manual_seed(0)
+    stages = [SVStage((1, 2, 2)), SVStage((2, 1, 3))]
+    for s in stages:
+        torch.nn.init.normal_(s.expand.weight, std=0.05)
+    config = ModelConfig(stages=((1, 2, 2), (2, 1, 3)))
+    model = to_onnx(config, stages, "2" * 64)
+    x = np.random.default_rng(0).random((2, 1, 5, 7, 9), dtype=np.float32)
+    with torch.no_grad():
+        ref = Chain(stages)(torch.from_numpy(x)).numpy()
+    got = OnnxRuntimeBackend(model, device="cpu").run_chain(x)
+    assert got.shape == (2, 1, 10, 14, 54)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+
+
+def test_tiled_ensemble_volume_matches_torch(x2, x2_onnx):
+    config, stages, x = x2
+    options = InferenceOptions(ensemble=True, bp_iters=2, tile=(8, 24, 24))
+    ref = enhance_volume(TorchBackend(stages, torch.device("cpu")), config.stages, config.arch, x, options)
+    got = enhance_volume(OnnxRuntimeBackend(x2_onnx, device="cpu"), config.stages, config.arch, x, options)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+
+
+def test_fp16_export_stays_close(x2, x2_onnx):
+    """fp16 bound: PSNR of the fp16 graph against fp32 stays above 60 dB on the real crop."""
+    config, stages, x = x2
+    half = to_onnx(config, stages, "0" * 64, precision="fp16")
+    assert onnx_graph.is_fp16(half)
+    onnx.checker.check_model(half, full_check=True)
+    block = x[None, None]
+    ref = OnnxRuntimeBackend(x2_onnx, device="cpu").run_chain(block)
+    got = OnnxRuntimeBackend(half, device="cpu").run_chain(block)
+    assert psnr(got, ref, value_range(ref)) > 60.0
+
+
+def test_export_leaves_the_torch_model_untouched(x2):
+    config, stages, _ = x2
+    to_onnx(config, stages, "0" * 64, precision="fp16")
+    assert all(p.dtype == torch.float32 for p in stages[0].parameters())

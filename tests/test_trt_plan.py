@@ -1,0 +1,129 @@
+"""The pure functions under the TensorRT layer (profiles, plugin fields, manifest, compatibility).
+
+TensorRT itself is not needed: these are the parts CI can check.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+from sv_deploy import shuffle_op
+from sv_deploy.backends import TorchBackend
+from sv_deploy.config import ArchConfig
+from sv_deploy.enhance import InferenceOptions, enhance_volume
+from sv_deploy.errors import UserError
+from sv_deploy.model import SVStage
+from sv_deploy.trt_plan import (
+    EngineManifest,
+    ensemble_batch,
+    fits,
+    plugin_fields,
+    profile_error,
+    stage_profiles,
+    uses_plugin,
+    without_plugin,
+)
+
+
+class Recording:
+    """A torch backend that remembers every (stage, shape) it was asked to run."""
+
+    def __init__(self, stages):
+        self.inner = TorchBackend(stages, torch.device("cpu"))
+        self.name = "recording"
+        self.seen = []
+
+    def predict(self, stage, x):
+        self.seen.append((stage, x.shape))
+        return self.inner.predict(stage, x)
+
+
+@pytest.mark.parametrize("stages,ensemble", [
+    (((2, 2, 2), (2, 2, 2)), True),
+    (((1, 2, 2),), True),
+    (((2, 1, 2),), True),
+    (((2, 2, 2),), False),
+])
+def test_profiles_cover_every_tile_inference_sends(stages, ensemble):
+    arch = ArchConfig(mid_layers=1)
+    options = InferenceOptions(ensemble=ensemble, bp_iters=1, tile=(3, 5, 7))
+    profiles = stage_profiles(stages, arch, options.tile, options.bp_iters, options.ensemble)
+    backend = Recording([SVStage(f, arch) for f in stages])
+    volume = np.random.default_rng(0).random((9, 21, 30), dtype=np.float32)
+    enhance_volume(backend, stages, arch, volume, options)
+    assert backend.seen
+    for stage, shape in backend.seen:
+        assert fits(profiles[stage], shape), (stage, shape, profiles[stage])
+
+
+def test_ensemble_batch_sizes():
+    assert ensemble_batch((2, 2, 2), True) == 4
+    assert ensemble_batch((1, 2, 3), True) == 4  # the 4 orientation-keeping members in one batch
+    assert ensemble_batch((2, 2, 2), False) == 1
+
+
+def shuffle_node(**attrs):
+    return helper.make_node(shuffle_op.NAME, ["x"], ["y"], domain=shuffle_op.DOMAIN, **attrs)
+
+
+def test_plugin_fields_from_node_attributes():
+    fields = plugin_fields(shuffle_node(**shuffle_op.node_attributes((1, 2, 3))))
+    assert fields["factors"].dtype == np.int32
+    assert fields["factors"].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="factors must be 3 positive"):
+        plugin_fields(shuffle_node(factors=[2, 2]))
+    with pytest.raises(ValueError, match="no 'factors'"):
+        plugin_fields(shuffle_node(plugin_namespace="sv_deploy"))
+    with pytest.raises(ValueError, match="namespace"):
+        plugin_fields(shuffle_node(factors=[2, 2, 2], plugin_namespace="other"))
+
+
+def test_builtin_baseline_drops_only_the_plugin_namespace():
+    node = shuffle_node(**shuffle_op.node_attributes((2, 2, 2)))
+    graph = helper.make_graph([node], "g", [], [])
+    model = helper.make_model(graph)
+    assert uses_plugin(model)
+    bare = without_plugin(model)
+    assert not uses_plugin(bare)
+    assert uses_plugin(model)  # the original is untouched
+    assert plugin_fields(bare.graph.node[0])["factors"].tolist() == [2, 2, 2]
+
+
+def make_manifest(**changes):
+    profiles = stage_profiles(((2, 2, 2),), ArchConfig(), (8, 16, 16), 0)
+    base = EngineManifest(
+        engines=("m.plugin.stage1.engine",), profiles=tuple(profiles), tensorrt_version="10.13.0",
+        gpu_name="NVIDIA H100", compute_capability=(9, 0), plugin=True, plugin_version="1", precision="fp16",
+        source_onnx="m.onnx", source_onnx_sha256="a" * 64, config="{}", created="2026-11-21T00:00:00+00:00",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_manifest_round_trips_through_json():
+    manifest = make_manifest()
+    assert EngineManifest.from_json(manifest.to_json()) == manifest
+    with pytest.raises(ValueError, match="not an sv-deploy"):
+        EngineManifest.from_json('{"format": "other"}')
+
+
+def test_engine_for_another_gpu_or_version_is_refused_naming_both():
+    from sv_deploy.trt_plan import check_compatible
+
+    manifest = make_manifest()
+    check_compatible(manifest, "10.13.0", "NVIDIA H100", (9, 0))
+    with pytest.raises(UserError) as err:
+        check_compatible(manifest, "10.13.0", "NVIDIA A100", (8, 0))
+    assert "H100" in str(err.value) and "A100" in str(err.value) and "9.0" in str(err.value)
+    with pytest.raises(UserError) as err:
+        check_compatible(manifest, "11.0.0", "NVIDIA H100", (9, 0))
+    assert "10.13.0" in str(err.value) and "11.0.0" in str(err.value)
+
+
+def test_profile_error_names_the_fix():
+    profile = make_manifest().profiles[0]
+    assert profile_error(0, profile, profile.max) is None
+    too_big = (1, 1, profile.max[2] + 1, 4, 4)
+    assert "--tile" in profile_error(0, profile, too_big)
