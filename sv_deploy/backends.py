@@ -81,9 +81,9 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
 
             config, stages, digest = load_model(path)
             log(f"exporting {path} to ONNX in memory (save this step with 'sv-deploy export')")
-            runner = OnnxRuntimeBackend(to_onnx(config, stages, digest), device=device)
+            runner = OnnxRuntimeBackend(to_onnx(config, stages, digest), device=device, log=log)
         else:
-            runner = OnnxRuntimeBackend(path, device=device)
+            runner = OnnxRuntimeBackend(path, device=device, log=log)
         return runner.config, runner
     if backend == "tensorrt":
         if kind != "engine":

@@ -7,9 +7,8 @@ outputs, so the ensemble and back-projection between stages stay in `enhance`, s
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import onnx
@@ -68,7 +67,7 @@ def pick_providers(device: str) -> List[str]:
 
 class OnnxRuntimeBackend:
     def __init__(self, model: Union[onnx.ModelProto, str, os.PathLike], device: str = "auto",
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, log: Callable[[str], None] = print):
         import onnxruntime as ort
 
         if not isinstance(model, onnx.ModelProto):
@@ -86,7 +85,7 @@ class OnnxRuntimeBackend:
         self._chain = None
         active = self.sessions[0].get_providers()
         if CUDA in providers and CUDA not in active:
-            warnings.warn("ONNX Runtime could not start its CUDA provider (see its log); running on CPU")
+            log("warning: ONNX Runtime could not start its CUDA execution provider; running on CPU")
         self.name = f"onnxruntime ({'cuda' if CUDA in active else 'cpu'}, {'fp16' if self.dtype == np.float16 else 'fp32'})"
         self._providers, self._opts = providers, opts
 

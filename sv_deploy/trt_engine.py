@@ -131,6 +131,8 @@ def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_byte
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT could not parse the ONNX graph: {errors}")
     config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # an fp32 graph means fp32 (parity with torch within 1e-5)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(opt_profile)

@@ -52,7 +52,7 @@ def test_profiles_cover_every_tile_inference_sends(stages, ensemble):
     options = InferenceOptions(ensemble=ensemble, bp_iters=1, tile=(3, 5, 7))
     profiles = stage_profiles(stages, arch, options.tile, options.bp_iters, options.ensemble)
     backend = Recording([SVStage(f, arch) for f in stages])
-    volume = np.random.default_rng(0).random((9, 21, 30), dtype=np.float32)
+    volume = np.random.default_rng(0).random((7, 13, 17), dtype=np.float32)
     enhance_volume(backend, stages, arch, volume, options)
     assert backend.seen
     for stage, shape in backend.seen:
