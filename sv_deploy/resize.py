@@ -7,6 +7,7 @@ same weights serve training patches, tiles and whole volumes, and tests can insp
 
 from __future__ import annotations
 
+
 from functools import lru_cache
 from math import ceil, floor
 from typing import Sequence
@@ -103,6 +104,38 @@ def support_radius(factor: int) -> int:
     return 0 if factor == 1 else 5
 
 
+BP_TOLERANCE = 1e-7
+
+
+@lru_cache(maxsize=None)
+def bp_reach(factor: int, iters: int, tol: float = BP_TOLERANCE) -> int:
+    """LR voxels beyond which back-projection's influence is below `tol` per unit of signal.
+
+    Each iteration reaches `support_radius` further, so the exact reach grows linearly; but the
+    correction shrinks about 3x per LR voxel, so far fewer voxels matter. Measured on the 1-D impulse
+    responses (to the LR data and to every sub-voxel phase of the estimate): the smallest distance
+    whose whole L1 tail is below `tol`, never more than the exact reach.
+    """
+    if factor == 1 or iters == 0:
+        return 0
+    exact = iters * support_radius(factor)
+    centre = exact + 2
+    n = 2 * centre + 1
+    tail = np.zeros(centre + 1)
+    cases = [(np.zeros(n * factor), np.eye(1, n, centre)[0])]
+    cases += [(np.eye(1, n * factor, centre * factor + p)[0], np.zeros(n)) for p in range(factor)]
+    f3 = (1, 1, factor)
+    for y, lr in cases:
+        y = y.astype(np.float32)[None, None]
+        lr = lr.astype(np.float32)[None, None]
+        for _ in range(iters):
+            y = y + upsample(lr - downsample(y, f3), f3)
+        r = np.abs(y[0, 0].astype(np.float64))
+        tail = np.maximum(tail, [r[(centre + d) * factor:].sum() for d in range(centre + 1)])
+    below = np.nonzero(tail < tol)[0]
+    return int(min(exact, below[0] if below.size else exact))
+
+
 __all__ = [
     "cubic",
     "downsample",
@@ -110,6 +143,7 @@ __all__ = [
     "phase_weights",
     "resize",
     "resize_matrix",
+    "bp_reach",
     "support_radius",
     "upsample",
 ]

@@ -10,7 +10,7 @@ from math import ceil
 from typing import Iterator, List, Sequence, Tuple
 
 from .config import ArchConfig, Factors, Shape3
-from .resize import support_radius
+from .resize import bp_reach
 
 Span = Tuple[int, int]
 
@@ -25,7 +25,7 @@ class Tile:
 
 def stage_radius(factors: Factors, arch: ArchConfig, bp_iters: int) -> Shape3:
     """Per-axis dependency radius of one stage (network + back-projection) in its input voxels."""
-    return tuple(arch.halo() + bp_iters * support_radius(f) for f in factors)  # type: ignore
+    return tuple(arch.halo() + bp_reach(f, bp_iters) for f in factors)  # type: ignore
 
 
 def total_halo(stages: Sequence[Factors], arch: ArchConfig, bp_iters: int) -> Shape3:

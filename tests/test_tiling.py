@@ -4,6 +4,7 @@ import pytest
 from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance import InferenceOptions, enhance_block, enhance_volume
+from sv_deploy.resize import bp_reach
 from sv_deploy.tiling import plan_tiles, slabs, total_halo
 
 
@@ -29,12 +30,12 @@ def test_tiles_come_in_complete_z_slabs():
 def test_halo_grows_with_back_projection_and_shrinks_through_stages():
     arch = ArchConfig(mid_layers=4)
     assert total_halo([(2, 2, 2)], arch, 0) == (8, 8, 8)
-    assert total_halo([(1, 2, 2)], arch, 2) == (8, 18, 18)
+    assert total_halo([(1, 2, 2)], arch, 2) == (8, 8 + bp_reach(2, 2), 8 + bp_reach(2, 2))
     # second stage radius counted in stage-1 input voxels: ceil(8 / 2) = 4
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 0) == (12, 12, 12)
 
 
-@pytest.mark.parametrize("bp_iters", [0, 2])
+@pytest.mark.parametrize("bp_iters", [0, 2, 10])
 def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, bp_iters):
     stage, _, x, _ = trained_small
     backend = TorchBackend([stage], stage.interp_weight.device)
