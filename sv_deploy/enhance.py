@@ -48,6 +48,7 @@ def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) ->
 
 
 ValueRange = Optional[Tuple[float, float]]
+Margins = Tuple[Tuple[int, int], ...]
 
 
 def enhance_block(
@@ -56,18 +57,32 @@ def enhance_block(
     x: np.ndarray,
     options: InferenceOptions,
     value_range: ValueRange = None,
+    trim: Optional[Tuple[ArchConfig, Margins]] = None,
 ) -> np.ndarray:
     """All stages on one normalized block, no tiling (the reference the tiled path must equal).
 
     Each stage's result is clamped to the input's representable range, as the final output is, so
-    a later stage never sees values the data type could not hold.
+    a later stage never sees values the data type could not hold. With `trim` = (arch, margins), the
+    block is a tile read with those (low, high) LR margins around its core: between stages, the part
+    of the margin later stages no longer need is cut away (a x4 tile's second stage then runs on
+    little more than its core), and the result is cropped to the core.
     """
+    margins = [list(m) for m in trim[1]] if trim else None
     for i, factors in enumerate(stages):
         transforms = ensemble_transforms(factors, options.ensemble)
         y = predict_ensemble(backend, i, x, transforms)
         x = back_project(y, x, factors, options.bp_iters)
         if value_range is not None:
             x = np.clip(x, *value_range)
+        if margins is not None:
+            need = total_halo(stages[i + 1:], trim[0], options.bp_iters) if i + 1 < len(stages) else (0, 0, 0)
+            cut = []
+            for a in range(3):
+                lo, hi = (m * factors[a] for m in margins[a])
+                cut_lo, cut_hi = max(0, lo - need[a]), max(0, hi - need[a])
+                margins[a] = [lo - cut_lo, hi - cut_hi]
+                cut.append(slice(cut_lo, x.shape[a] - cut_hi))
+            x = x[tuple(cut)]
     return x.astype(np.float32, copy=False)
 
 
@@ -94,7 +109,10 @@ def iter_slabs(
             z0, z1 = group[0].out[0]
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
-                block = enhance_block(backend, stages, volume[to_slices(tile.read)], options, value_range)
+                margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
+                block = enhance_block(
+                    backend, stages, volume[to_slices(tile.read)], options, value_range, (arch, margins)
+                )
                 _fill(slab, tile, block)
                 bar.update(1)
             yield (z0, z1), slab
@@ -102,10 +120,9 @@ def iter_slabs(
         bar.close()
 
 
-def _fill(slab: np.ndarray, tile: Tile, result: np.ndarray) -> None:
-    kept = result[to_slices(tile.crop)]
+def _fill(slab: np.ndarray, tile: Tile, core: np.ndarray) -> None:
     (_, _), (y0, y1), (x0, x1) = tile.out
-    slab[:, y0:y1, x0:x1] = kept
+    slab[:, y0:y1, x0:x1] = core
 
 
 def enhance_volume(

@@ -45,19 +45,21 @@ def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp
 
     The largest tile is the core plus the halo on both sides; a quarter turn swaps y and x, so
     when the ensemble turns tiles both lateral sizes get the larger bound. Later stages see the
-    previous stage's output. Tiles at volume edges and small volumes are smaller: min is 1.
+    previous stage's output, trimmed to what is left to do. Tiles at volume edges and small volumes
+    are smaller: min is 1.
     """
-    halo = total_halo(stages, arch, bp_iters)
-    size = [tile[a] + 2 * halo[a] for a in range(3)]
+    scale = [1, 1, 1]
     profiles = []
-    for factors in stages:
+    for i, factors in enumerate(stages):
+        # `enhance_block` trims each stage's input to its core plus what the remaining stages need.
+        halo = total_halo(stages[i:], arch, bp_iters)
+        d, h, w = (tile[a] * scale[a] + 2 * halo[a] for a in range(3))
         batch = ensemble_batch(factors, ensemble)
-        d, h, w = size
         if ensemble and factors[1] == factors[2]:
             h = w = max(h, w)
         largest = (batch, 1, d, h, w)
         profiles.append(Profile(min=(1, 1, 1, 1, 1), opt=largest, max=largest))
-        size = [size[a] * factors[a] for a in range(3)]
+        scale = [scale[a] * factors[a] for a in range(3)]
     return profiles
 
 

@@ -47,3 +47,22 @@ def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, bp_iters):
     tiled = enhance_volume(backend, stages, arch, x, options)
     assert tiled.shape == whole.shape == tuple(2 * n for n in x.shape)
     assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)
+
+
+@pytest.mark.parametrize("bp_iters", [0, 3])
+def test_tiled_equals_whole_for_two_chained_stages(trained_small, bp_iters):
+    """x4: stage 2 runs on stage 1's output trimmed to what it still needs; still equal to whole."""
+    import copy
+
+    stage, _, x, _ = trained_small
+    stages = [stage, copy.deepcopy(stage)]
+    backend = TorchBackend(stages, stage.interp_weight.device)
+    arch = ArchConfig()
+    factors = [(2, 2, 2), (2, 2, 2)]
+    block = x[:10, :40, :36]
+    options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=(4, 12, 12))
+    assert len(plan_tiles(block.shape, options.tile, total_halo(factors, arch, bp_iters), (4, 4, 4))) >= 8
+    whole = enhance_block(backend, factors, block, options)
+    tiled = enhance_volume(backend, factors, arch, block, options)
+    assert tiled.shape == whole.shape == tuple(4 * n for n in block.shape)
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)
