@@ -82,13 +82,9 @@ def with_input_options(func):
 
 
 def _read(path, axes, channel, time_index, voxel_size):
-    from .volume_io import Volume, check_not_constant, read_volume
+    from .enhance_file import ReadOptions, read_input
 
-    vol = read_volume(path, axes=axes, channel=channel, time=time_index)
-    check_not_constant(vol, str(path))
-    if voxel_size is not None:
-        vol = Volume(vol.data, vol.axes, voxel_size, vol.source_axes)
-    return vol
+    return read_input(path, ReadOptions(axes, channel, time_index, voxel_size))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,66 +190,123 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, help="Enhanced volume to write (OME-TIFF, .ome.tif).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1)
+@click.option("-o", "--output", required=True,
+              help="Output OME-TIFF for one INPUT; a folder for several, for globs and for --watch.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="8-way geometric self-ensemble.")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Back-projection iterations against the input per stage (0 = off).")
-@click.option("--tile", callback=_triple(int), help="Tile core z,y,x in input voxels (default 32,96,96); smaller uses less memory.")
+@click.option("--tile", callback=_triple(int), help="Tile core z,y,x in input voxels (default: the largest that fits --max-memory).")
+@click.option("--max-memory", help="Working memory to plan tiles for, e.g. 2G (default: half the free RAM).")
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
               show_default=True, help="Output pixel type.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto picks by MODEL: .svmodel -> torch, .onnx -> onnxruntime, .trt.json -> tensorrt.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Keep running: enhance each TIFF that lands in this folder.")
+@click.option("--settle", type=float, default=2.0, show_default=True, help="--watch: seconds a file must stay unchanged before it is read.")
+@click.option("--exit-when-idle", type=float, help="--watch: stop after this many seconds without a new file (default: run until Ctrl-C).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @with_input_options
 @friendly
-def infer(model, input_path, output, ensemble, bp_iters, tile, out_dtype, backend, device, overwrite, quiet,
-          axes, channel, time_index, voxel_size):
-    """Enhance INPUT with MODEL and write an OME-TIFF with the voxel size divided by the factors.
+def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype, backend, device, watch_dir, settle,
+          exit_when_idle, overwrite, quiet, axes, channel, time_index, voxel_size):
+    """Enhance INPUT(s) with MODEL; write OME-TIFFs with the voxel size divided by the factors.
 
-    MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'.
+    MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'. It is loaded once for
+    all inputs. INPUT may be a glob ('acq/*.tif'). With several inputs a file that fails is
+    reported and skipped.
 
     \b
     Examples:
       sv-deploy infer stack.svmodel stack.tif -o stack_x2.ome.tif
-      sv-deploy infer stack.svmodel big.tif -o big_x2.ome.tif --tile 16,64,64 --no-ensemble
-      sv-deploy infer export/stack.onnx stack.tif -o stack_x2.ome.tif
+      sv-deploy infer stack.svmodel 'day1/*.tif' -o enhanced/
+      sv-deploy infer export/stack.onnx --watch incoming/ -o enhanced/
+      sv-deploy infer stack.svmodel big.tif -o big_x2.ome.tif --max-memory 2G --no-ensemble
     """
     from .backends import open_backend
-    from .enhance import InferenceOptions, iter_slabs
-    from .normalize import denormalize, normalize, percentiles, valid_range
-    from .volume_io import scaled_voxel_size, write_volume
+    from .enhance import InferenceOptions
+    from .enhance_file import ReadOptions, enhance_file, output_name
+    from .memory import parse_size
 
-    out = _tiff_output(output, overwrite)
-    config, runner = open_backend(model, backend, device, log=lambda m: click.echo(m, err=True))
-    vol = _read(input_path, axes, channel, time_index, voxel_size)
+    paths = _expand(inputs)
+    if not paths and not watch_dir:
+        raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
+    single = len(paths) == 1 and not watch_dir and not output.endswith(("/", "\\")) and not Path(output).is_dir()
+    if single:
+        _tiff_output(output, overwrite)
+    budget = parse_size(max_memory) if max_memory else None
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    config, runner = open_backend(model, backend, device, log=log)
+    options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters)
+    read = ReadOptions(axes, channel, time_index, voxel_size)
+
+    def run_one(path, out):
+        result = enhance_file(runner, config, path, out, options, read, out_dtype, tile, budget, not quiet, log)
+        log(f"wrote {out} in {result.total_s:.1f} s (read {result.read_s:.1f} s, compute {result.compute_s:.1f} s)")
+        return result
+
+    if single:
+        run_one(paths[0], Path(output))
+        return
+    outdir = Path(output)
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"{outdir} is a file; with several inputs or --watch, -o must be a folder")
+    if watch_dir:
+        folder = Path(watch_dir)
+        if not folder.is_dir():
+            raise UserError(f"--watch folder {folder} does not exist")
+        if folder.resolve() == outdir.resolve():
+            raise UserError("-o must be another folder than --watch, or outputs would be enhanced again")
+    outdir.mkdir(parents=True, exist_ok=True)
     factors = config.total_factors()
-    if vol.axes == "YX" and factors[0] != 1:
-        raise UserError(
-            f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
-            "--scale 1,F,F or on 2D data"
-        )
-    dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
-    options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters, **({"tile": tile} if tile else {}))
-    low, high = percentiles(vol.data, config.norm)
-    x = normalize(vol.data, low, high)
-    shape = tuple(n * f for n, f in zip(x.shape, factors))
-    click.echo(
-        f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
-        f"{runner.name}, ensemble {'on' if ensemble else 'off'}, back-projection {bp_iters} it",
-        err=True,
-    )
+    done, failed = [], []
     start = time.perf_counter()
-    slabs = (
-        denormalize(slab, low, high, dtype)
-        for _, slab in iter_slabs(
-            runner, config.stages, config.arch, x, options, not quiet, valid_range(vol.dtype, low, high)
-        )
-    )
-    write_volume(out, slabs, shape, dtype, vol.axes, scaled_voxel_size(vol.voxel_size, factors))
-    click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s", err=True)
+
+    def handle(path):
+        out = outdir / output_name(path, factors)
+        try:
+            if out.exists() and not overwrite:
+                raise UserError(f"{out} already exists; pass --overwrite to replace it")
+            done.append(run_one(path, out))
+            if len(done) == 1:
+                log(f"time to first output: {time.perf_counter() - start:.1f} s")
+        except UserError as exc:
+            failed.append(path)
+            log(f"error: {path}: {exc}")
+
+    for path in paths:
+        handle(path)
+    if watch_dir:
+        from .watch import watch
+
+        log(f"watching {folder} for new TIFF files (Ctrl-C to stop)")
+        seen = {str(Path(p).resolve()) for p in paths}
+        try:
+            watch(folder, handle, settle=settle, idle_exit=exit_when_idle,
+                  skip=lambda p: str(Path(p).resolve()) in seen)
+        except KeyboardInterrupt:
+            log("stopped watching")
+    log(f"enhanced {len(done)} file(s), {len(failed)} failed")
+    if failed:
+        sys.exit(1)
+
+
+def _expand(inputs) -> list:
+    """Paths as given, globs expanded (sorted); a glob that matches nothing is an error."""
+    import glob
+
+    paths = []
+    for item in inputs:
+        if any(ch in item for ch in "*?[") and not Path(item).exists():
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise UserError(f"no files match '{item}'")
+            paths.extend(matches)
+        else:
+            paths.append(item)
+    return paths
 
 
 @main.command()

@@ -16,6 +16,8 @@ from .tiling import total_halo
 from .trt_plan import ensemble_batch
 
 SLABS_IN_FLIGHT = 3  # one being computed, one queued, one being written
+FIXED_BYTES = 16 * 2**20  # allocator slack and per-shape library buffers
+INPUT_BYTES_PER_VOXEL = 8  # the normalized float32 copy of the input and its percentile pass
 MIN_CORE: Shape3 = (1, 8, 8)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -31,12 +33,13 @@ def parse_size(text: str) -> int:
 def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int) -> int:
     """Peak working bytes of one stage on a block of `voxels` input voxels.
 
-    Network activations (two live feature maps per member, fp32) plus the sub-pixel phases, their
-    shuffled copy, the ensemble sum and back-projection arrays. Calibrated against measured peak RSS
-    on CPU (1224 B per voxel measured for x2 with the 8-way ensemble; this gives 1472).
+    Network activations (two live feature maps and a convolution workspace per member, fp32) plus
+    the sub-pixel phases, their shuffled copy, the ensemble sum and back-projection arrays.
+    Calibrated against peak RSS measured on CPU: x2 with the 8-way ensemble 1224 B per voxel
+    (this gives 2496), x2 without it about 1 KiB (this gives 1056).
     """
     phases = prod(factors)
-    return voxels * (4 * batch * 2 * arch.features + 4 * phases * (18 + 3 * batch))
+    return voxels * (4 * batch * (2 * arch.features + 64) + 4 * phases * (18 + 3 * batch))
 
 
 def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, ensemble: bool,
@@ -63,35 +66,48 @@ def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: Ar
     factors = total_factors(stages)
     core = tuple(min(c, n) for c, n in zip(core, volume))
     work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume)
-    return SLABS_IN_FLIGHT * slab_bytes(core[0], volume, factors, out_itemsize) + work
+    slabs = SLABS_IN_FLIGHT * slab_bytes(core[0], volume, factors, out_itemsize)
+    return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + slabs + work
+
+
+def _steps(limit: int, low: int) -> list:
+    """Candidate core lengths: the limit, then about 15% smaller each step, down to `low`."""
+    values, v = [], limit
+    while v > low:
+        values.append(v)
+        v = min(v - 1, int(v * 0.85))
+    values.append(min(low, limit))
+    return values
 
 
 def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
                 ensemble: bool, out_itemsize: int, start: Shape3) -> Shape3:
-    """Largest tile core, shrinking from `start`, whose planned bytes fit in `budget`.
+    """The tile core, at most `start`, that fits `budget` and wastes the least work on halos.
 
-    Each step shrinks by a quarter the axis that saves the most bytes (z when the output slabs
-    dominate, y or x when the tile's working set does).
+    Efficiency is core voxels over computed voxels (core plus halo, clamped to the volume);
+    among equally efficient tiles the larger wins (fewer calls).
     """
-    def cost(c):
-        return plan_bytes(volume, tuple(c), stages, arch, bp_iters, ensemble, out_itemsize)
-
-    core = [min(c, n) for c, n in zip(start, volume)]
-    while cost(core) > budget:
-        options = []
-        for a in range(3):
-            if core[a] > MIN_CORE[a]:
-                smaller = list(core)
-                smaller[a] = max(MIN_CORE[a], (core[a] * 3) // 4)
-                options.append(smaller)
-        if not options:
-            need = cost(core)
-            raise UserError(
-                f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
-                f"{budget / 2**20:.0f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
-            )
-        core = min(options, key=cost)
-    return tuple(core)  # type: ignore[return-value]
+    halo = total_halo(stages, arch, bp_iters)
+    start = tuple(max(1, min(s, n)) for s, n in zip(start, volume))
+    best, best_key = None, None
+    for z in _steps(start[0], MIN_CORE[0]):
+        for y in _steps(start[1], MIN_CORE[1]):
+            for x in _steps(start[2], MIN_CORE[2]):
+                core = (z, y, x)
+                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize) > budget:
+                    continue
+                read = prod(min(c + 2 * h, n) for c, h, n in zip(core, halo, volume))
+                key = (prod(core) / read, prod(core))
+                if best_key is None or key > best_key:
+                    best, best_key = core, key
+    if best is None:
+        smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
+        need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize)
+        raise UserError(
+            f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
+            f"{budget / 2**20:.0f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
+        )
+    return best
 
 
 def available_bytes() -> int:

@@ -1,0 +1,142 @@
+"""One input file -> one enhanced OME-TIFF: read, normalize, enhance slab by slab, write.
+
+The writer runs one slab behind the compute (`pipeline.write_behind`); the tile is chosen from the
+memory budget unless given; on out-of-memory the file is redone with smaller tiles.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .config import ModelConfig
+from .enhance import InferenceOptions, iter_slabs
+from .errors import UserError
+from .memory import choose_tile, default_budget
+from .normalize import denormalize, normalize, percentiles, valid_range
+from .pipeline import write_behind
+from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
+
+DEFAULT_TILE = InferenceOptions().tile
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    axes: Optional[str] = None
+    channel: Optional[int] = None
+    time: Optional[int] = None
+    voxel_size: Optional[Tuple[float, float, float]] = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    input: str
+    output: str
+    input_shape: Tuple[int, int, int]
+    output_shape: Tuple[int, int, int]
+    tile: Tuple[int, int, int]
+    read_s: float
+    compute_s: float  # time the worker spent producing slabs (backend + ensemble + back-projection)
+    total_s: float  # file to file: reading the input to the renamed output
+
+
+def read_input(path, read: ReadOptions) -> Volume:
+    vol = read_volume(path, axes=read.axes, channel=read.channel, time=read.time)
+    check_not_constant(vol, str(path))
+    if read.voxel_size is not None:
+        vol = Volume(vol.data, vol.axes, read.voxel_size, vol.source_axes)
+    return vol
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch's CUDA OOM, and ONNX Runtime's allocation failures all mean: smaller tiles."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "failed to allocate" in text)
+
+
+def enhance_file(
+    runner,
+    config: ModelConfig,
+    input_path,
+    output_path,
+    options: InferenceOptions,
+    read: ReadOptions = ReadOptions(),
+    out_dtype: str = "input",
+    tile: Optional[Tuple[int, int, int]] = None,
+    max_memory: Optional[int] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> FileResult:
+    start = time.perf_counter()
+    vol = read_input(input_path, read)
+    factors = config.total_factors()
+    if vol.axes == "YX" and factors[0] != 1:
+        raise UserError(
+            f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
+            "--scale 1,F,F or on 2D data"
+        )
+    dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
+    low, high = percentiles(vol.data, config.norm)
+    x = normalize(vol.data, low, high)
+    read_s = time.perf_counter() - start
+    shape = tuple(n * f for n, f in zip(x.shape, factors))
+    budget = max_memory or default_budget()
+    if tile is None:
+        tile = choose_tile(budget, x.shape, config.stages, config.arch, options.bp_iters, options.ensemble,
+                           dtype.itemsize, DEFAULT_TILE)
+    log(
+        f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
+        f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "
+        f"tile {'x'.join(map(str, tile))}"
+    )
+    value_range = valid_range(vol.dtype, low, high)
+    voxel = scaled_voxel_size(vol.voxel_size, factors)
+    while True:
+        compute = [0.0]
+
+        def produce():
+            gen = iter_slabs(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range)
+            while True:
+                t0 = time.perf_counter()
+                item = next(gen, None)
+                if item is None:
+                    return
+                out = denormalize(item[1], low, high, dtype)
+                compute[0] += time.perf_counter() - t0
+                yield out
+
+        try:
+            write_behind(lambda slabs: write_volume(output_path, slabs, shape, dtype, vol.axes, voxel), produce())
+            break
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_out_of_memory(exc):
+                raise
+            smaller = tuple(max(m, t // 2) for t, m in zip(tile, (1, 8, 8)))
+            if smaller == tile:
+                raise UserError(
+                    f"out of memory even with tile {'x'.join(map(str, tile))}; use --no-ensemble or fewer "
+                    "--bp-iters, or free memory"
+                ) from None
+            log(f"out of memory with tile {'x'.join(map(str, tile))}; retrying with {'x'.join(map(str, smaller))}")
+            tile = smaller
+    return FileResult(
+        input=str(input_path), output=str(output_path), input_shape=tuple(x.shape), output_shape=shape,
+        tile=tuple(tile), read_s=read_s, compute_s=compute[0], total_s=time.perf_counter() - start,
+    )
+
+
+def output_name(input_path, factors) -> str:
+    """stack.tif -> stack_x2.ome.tif (x1x2x2 for per-axis factors)."""
+    name = Path(input_path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    tag = str(factors[0]) if len(set(factors)) == 1 else "x".join(map(str, factors))
+    return f"{name}_x{tag}.ome.tif"

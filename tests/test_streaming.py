@@ -1,0 +1,214 @@
+"""Streaming inference: overlap, memory planning and bounds, many inputs, and watching a folder."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sv_deploy.config import ArchConfig
+from sv_deploy.enhance_file import is_out_of_memory, output_name
+from sv_deploy.errors import UserError
+from sv_deploy.memory import choose_tile, parse_size, plan_bytes
+from sv_deploy.pipeline import Aborted, write_behind
+from sv_deploy.volume_io import read_volume, write_volume
+from sv_deploy.watch import SettleTracker
+
+from test_cli import assert_one_line_error, run
+
+
+def test_write_behind_delivers_everything_in_order():
+    got = []
+    write_behind(lambda items: got.extend(items), iter(range(50)), depth=2)
+    assert got == list(range(50))
+
+
+def test_write_behind_aborts_the_writer_when_the_producer_fails():
+    seen = []
+
+    def consumer(items):
+        try:
+            for item in items:
+                seen.append(item)
+        except Aborted:
+            seen.append("aborted")
+            raise
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        write_behind(consumer, failing())
+    assert seen == [1, "aborted"]
+
+
+def test_write_behind_stops_the_producer_when_the_writer_fails():
+    produced = []
+
+    def counting():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    def consumer(items):
+        for item in items:
+            if item == 3:
+                raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_behind(consumer, counting())
+    assert len(produced) < 10
+
+
+def test_settle_tracker_waits_for_a_stable_file():
+    t = SettleTracker(settle=2.0)
+    assert t.ready({"a": (10, 1.0)}, now=0.0) == []
+    assert t.ready({"a": (20, 2.0)}, now=1.5) == []  # still growing
+    assert t.ready({"a": (20, 2.0)}, now=3.0) == []  # stable for 1.5 s only
+    assert t.ready({"a": (20, 2.0)}, now=3.6) == ["a"]
+    assert t.ready({"a": (20, 2.0)}, now=9.0) == []  # handed over once
+
+
+def test_sizes_and_names():
+    assert parse_size("512M") == 512 * 2**20
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    assert parse_size("1000") == 1000
+    with pytest.raises(UserError, match="not a size"):
+        parse_size("lots")
+    assert output_name("a/stack.tif", (2, 2, 2)) == "stack_x2.ome.tif"
+    assert output_name("b.ome.tiff", (1, 2, 2)) == "b_x1x2x2.ome.tif"
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(RuntimeError("CUDA out of memory."))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("stages", [((2, 2, 2),), ((2, 2, 2), (2, 2, 2)), ((1, 2, 2),)])
+def test_chosen_tile_fits_the_budget_and_grows_with_it(stages):
+    arch, volume = ArchConfig(), (40, 300, 300)
+    small = choose_tile(800 * 2**20, volume, stages, arch, 10, True, 2, (32, 96, 96))
+    large = choose_tile(4 * 2**30, volume, stages, arch, 10, True, 2, (32, 96, 96))
+    assert plan_bytes(volume, small, stages, arch, 10, True, 2) <= 800 * 2**20
+    assert all(s <= big for s, big in zip(small, large))
+    with pytest.raises(UserError, match="--max-memory"):
+        choose_tile(2**20, volume, stages, arch, 10, True, 2, (32, 96, 96))
+
+
+def structured(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = np.zeros(shape, np.float32)
+    idx = tuple(rng.integers(0, n, 300) for n in shape)
+    vol[idx] = 200
+    from scipy.ndimage import gaussian_filter
+
+    return np.clip(gaussian_filter(vol, 1.5) * 8 + 10, 0, 255).astype(np.uint8)
+
+
+def test_many_inputs_with_one_bad_file(model_file, tmp_path):
+    good = []
+    for i in range(2):
+        path = tmp_path / f"acq{i}.tif"
+        data = structured((8, 24, 24), seed=i)
+        write_volume(path, [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+        good.append(path)
+    (tmp_path / "acq2.tif").write_bytes(b"not a tiff")
+    result = run("infer", model_file, str(tmp_path / "acq*.tif"), "-o", tmp_path / "out", "--bp-iters", "1", "-q")
+    assert result.exit_code == 1
+    assert "acq2.tif" in result.stderr and "enhanced 2 file(s), 1 failed" in result.stderr
+    assert "time to first output" in result.stderr
+    for i in range(2):
+        out = read_volume(tmp_path / "out" / f"acq{i}_x2.ome.tif")
+        assert out.data.shape == (16, 48, 48) and out.voxel_size == (0.5, 0.25, 0.25)
+    assert not (tmp_path / "out" / "acq2_x2.ome.tif").exists()
+    assert_one_line_error(run("infer", model_file, str(tmp_path / "none*.tif"), "-o", tmp_path / "o2"), "no files match")
+
+
+def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sv_deploy", "infer", str(model_file), "--watch", str(incoming), "-o", str(out),
+         "--settle", "1.0", "--exit-when-idle", "6", "--bp-iters", "1", "-q"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        data = structured((8, 24, 24), seed=3)
+        staged = tmp_path / "staged.tif"
+        write_volume(staged, [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+        blob = staged.read_bytes()
+        time.sleep(2.0)  # the watcher is running
+        target = incoming / "first.tif"
+        with open(target, "wb") as f:  # written slowly, in pieces closer together than --settle
+            for k in range(0, len(blob), len(blob) // 4 + 1):
+                f.write(blob[k:k + len(blob) // 4 + 1])
+                f.flush()
+                time.sleep(0.4)
+        (incoming / "broken.tif").write_bytes(b"II*\x00garbage")
+        time.sleep(1.5)
+        (incoming / "second.tif").write_bytes(blob)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "broken.tif" in err and "enhanced 2 file(s), 1 failed" in err
+    for name in ("first", "second"):
+        assert read_volume(out / f"{name}_x2.ome.tif").data.shape == (16, 48, 48)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import numpy as np, torch
+    torch.set_num_threads(2)
+    from sv_deploy.backends import open_backend
+    from sv_deploy.enhance import InferenceOptions
+    from sv_deploy.enhance_file import enhance_file, read_input, ReadOptions
+    from sv_deploy.memory import parse_size
+    from sv_deploy.memory import choose_tile
+    from sv_deploy.tiling import total_halo
+    model, src, dst, limit, mode = sys.argv[1:6]
+    config, runner = open_backend(model, "torch", "cpu", log=lambda m: None)
+    options = InferenceOptions(ensemble=False, bp_iters=0)
+    vol = read_input(src, ReadOptions())  # the baseline holds the input and a model that has run once
+    tile = choose_tile(parse_size(limit), vol.data.shape, config.stages, config.arch, 0, False, 4, options.tile)
+    halo = total_halo(config.stages, config.arch, 0)
+    runner.predict(0, np.zeros((1, 1, *(t + 2 * h for t, h in zip(tile, halo))), np.float32))
+    del vol
+    if mode == "run":
+        result = enhance_file(runner, config, src, dst, options, out_dtype="float32",
+                              max_memory=parse_size(limit), progress=False, log=lambda m: None)
+        print("tile", result.tile)
+    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_output_larger_than_the_memory_limit_streams_under_it(tmp_path):
+    """A 64 MiB float32 output enhanced with a 56 MiB working-memory limit: peak RSS grows less."""
+    import torch
+
+    from sv_deploy.config import ModelConfig
+    from sv_deploy.model import SVStage
+    from sv_deploy.model_file import save_model
+
+    torch.manual_seed(0)
+    arch = ArchConfig(mid_layers=0)  # a small net: the point is memory, not quality
+    model = tmp_path / "m.svmodel"
+    save_model(model, ModelConfig(stages=((2, 2, 2),), arch=arch), [SVStage((2, 2, 2), arch)])
+    data = structured((256, 64, 128), seed=1)
+    src = tmp_path / "deep.tif"
+    write_volume(src, [data], data.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    limit = 56 * 2**20
+    assert 8 * data.size * 4 > limit  # the float32 output alone is larger than the limit
+    script = tmp_path / "measure.py"
+    script.write_text(MEMORY_SCRIPT)
+    peaks = {}
+    for mode in ("baseline", "run"):
+        proc = subprocess.run([sys.executable, str(script), str(model), str(src), str(tmp_path / "o.ome.tif"),
+                               str(limit), mode], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        peaks[mode] = int(proc.stdout.split("peak_kib")[1]) * 1024
+    assert read_volume(tmp_path / "o.ome.tif").data.shape == (512, 128, 256)
+    grew = peaks["run"] - peaks["baseline"]
+    assert grew < limit, f"peak RSS grew by {grew / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB"
