@@ -21,7 +21,7 @@ from .normalize import denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
 
-DEFAULT_TILE = InferenceOptions().tile
+AUTO_TILE_LIMIT = (64, 256, 256)  # largest core the automatic choice considers
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def enhance_file(
     budget = max_memory or default_budget()
     if tile is None:
         tile = choose_tile(budget, x.shape, config.stages, config.arch, options.bp_iters, options.ensemble,
-                           dtype.itemsize, DEFAULT_TILE)
+                           dtype.itemsize, AUTO_TILE_LIMIT)
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "

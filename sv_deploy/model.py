@@ -77,6 +77,10 @@ class SVStage(nn.Module):
         return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
 
     def residual_phases(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 1 and not torch.onnx.is_in_onnx_export():
+            for layer in (*self.extract, *self.shrink, *self.mid, self.expand):
+                x = single_plane_conv(layer, x) if isinstance(layer, nn.Conv3d) else layer(x)
+            return x
         return self.expand(self.mid(self.shrink(self.extract(x))))
 
     def interpolate(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +88,24 @@ class SVStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle_3d(self.residual_phases(x) + self.interpolate_phases(x), self.factors)
+
+
+def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The same Conv3d on a depth-1 input (2D images) without computing on padding planes.
+
+    Replicate padding of one plane repeats it, so the kernel's z taps can be summed first; zero
+    padding leaves only the centre tap. Same result, 5x fewer multiply-adds for the k5 layer.
+    """
+    kz, ky, kx = conv.kernel_size
+    _, py, px = conv.padding
+    if conv.padding_mode == "replicate":
+        weight = conv.weight.sum(dim=2, keepdim=True)
+        x = F.pad(x, (px, px, py, py, 0, 0), mode="replicate")
+        padding = (0, 0, 0)
+    else:
+        weight = conv.weight[:, :, kz // 2: kz // 2 + 1]
+        padding = (0, py, px)
+    return F.conv3d(x, weight, conv.bias, padding=padding, groups=conv.groups)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -40,3 +40,19 @@ def test_two_d_input_keeps_depth_one():
     stage = SVStage((1, 2, 2))
     y = stage(torch.rand(1, 1, 1, 10, 12))
     assert tuple(y.shape) == (1, 1, 1, 20, 24)
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_single_plane_shortcut_equals_the_3d_convolution(padding):
+    from sv_deploy.model import single_plane_conv
+
+    torch.manual_seed(0)
+    stage = SVStage((1, 2, 2), ArchConfig(padding=padding, groups=2))
+    x = torch.rand(2, 1, 1, 9, 11)
+    with torch.no_grad():
+        for layer in (*stage.extract, *stage.shrink, *stage.mid, stage.expand):
+            if isinstance(layer, torch.nn.Conv3d):
+                feed = torch.rand(2, layer.in_channels, 1, 9, 11)
+                torch.testing.assert_close(single_plane_conv(layer, feed), layer(feed), rtol=1e-5, atol=1e-5)
+        full = stage.expand(stage.mid(stage.shrink(stage.extract(x))))
+        torch.testing.assert_close(stage.residual_phases(x), full, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,310 @@
+"""`sv-deploy bench`: the paper's Table 1 tasks on every available backend, in one process and one report.
+
+Timing does not depend on the weights, so inference uses freshly initialised networks of the real
+architecture on synthetic bead volumes of the paper's sizes; training times the real training code.
+Each timed run is a whole file-to-file `enhance_file` call (read TIFF, enhance, write OME-TIFF), which
+also reports its compute time, so both come from the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bench_stats import PAPER, markdown, speedup, summarize, table
+from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
+from .enhance import InferenceOptions
+from .enhance_file import enhance_file
+from .model import SVStage
+from .normalize import normalize, percentiles
+from .simulate import beads
+from .volume_io import write_volume
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    shape: Shape3
+    stages: tuple
+    paper_s: Optional[float]
+
+
+def tasks(quick: bool) -> List[Task]:
+    if quick:  # the same code paths on small volumes, so a fresh install checks out in under a minute
+        return [Task("2d", (1, 64, 64), ((1, 2, 2), (1, 2, 2)), None),
+                Task("3d", (8, 48, 48), ((2, 2, 2), (2, 2, 2)), None)]
+    return [Task("2d", (1, 256, 256), ((1, 2, 2), (1, 2, 2)), PAPER["2d_s"]),
+            Task("3d", (38, 256, 256), ((2, 2, 2), (2, 2, 2)), PAPER["3d_s"])]
+
+
+MODES = {"full": InferenceOptions(ensemble=True, bp_iters=10), "fast": InferenceOptions(ensemble=False, bp_iters=10)}
+
+
+def synthetic_volume(shape: Shape3, seed: int = 0) -> np.ndarray:
+    count = max(20, int(np.prod(shape) // 4000))
+    sigma = (1.5, 1.0, 1.0) if shape[0] > 1 else (0.0, 1.0, 1.0)
+    vol = beads(shape, count=count, sigma=sigma, window=7, seed=seed) if shape[0] > 1 else \
+        beads((1, *shape[1:]), count=count, sigma=(1e-3, 1.0, 1.0), window=7, seed=seed)
+    return (vol * 60000 + 100).astype(np.uint16)
+
+
+def fresh_model(stages, seed: int = 0):
+    torch.manual_seed(seed)
+    arch = ArchConfig()
+    return ModelConfig(stages=tuple(stages), arch=arch), [SVStage(f, arch).eval() for f in stages]
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
+    """Every backend, marked available or not and why; available ones carry a runner."""
+    from .backends import TorchBackend
+
+    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(stages, torch.device("cpu"))}]
+    cuda = torch.cuda.is_available()
+    found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
+                  "runner": TorchBackend(stages, torch.device("cuda")) if cuda else None})
+    found.append(_compiled(stages, quick))
+    try:
+        import onnxruntime as ort
+
+        from .export import to_onnx
+        from .ort_backend import OnnxRuntimeBackend
+
+        graph = to_onnx(config, stages, "0" * 64)
+        found.append({"name": "onnxruntime (cpu)", "available": True,
+                      "runner": OnnxRuntimeBackend(graph, device="cpu", log=log)})
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        found.append({"name": "onnxruntime (cuda)", "available": has_cuda,
+                      "reason": None if has_cuda else "onnxruntime-gpu not installed (CUDA execution provider missing)",
+                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None})
+    except ImportError as exc:
+        found.append({"name": "onnxruntime (cpu)", "available": False, "reason": f"not installed ({exc})"})
+        graph = None
+    found += _tensorrt(graph, workdir, log)
+    return found
+
+
+def _compiled(stages, quick: bool) -> dict:
+    name = "torch compiled"
+    if quick:
+        return {"name": name, "available": False, "reason": "skipped with --quick (compiling takes minutes)"}
+    try:
+        from .backends import TorchBackend
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in stages], device)
+        runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
+        runner.name = f"torch compiled ({device.type})"
+        return {"name": runner.name, "available": True, "runner": runner}
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available here"
+        return {"name": name, "available": False, "reason": f"torch.compile failed: {str(exc).splitlines()[0][:120]}"}
+
+
+def _tensorrt(graph, workdir: Path, log) -> List[dict]:
+    names = ("tensorrt (plugin shuffle)", "tensorrt (built-in shuffle)")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return [{"name": n, "available": False, "reason": "tensorrt not installed (NVIDIA's index only)"} for n in names]
+    if not torch.cuda.is_available() or graph is None:
+        return [{"name": n, "available": False, "reason": "needs a CUDA GPU and onnx"} for n in names]
+    from .export import save_onnx
+    from .trt_engine import TensorRTBackend, build_engines
+
+    path = workdir / "bench.onnx"
+    save_onnx(graph, path)
+    out = []
+    for name, plugin in zip(names, (True, False)):
+        try:
+            manifest = build_engines(path, graph, MODES["full"], plugin=plugin, overwrite=True, log=log)
+            out.append({"name": name, "available": True, "runner": TensorRTBackend(manifest)})
+        except Exception as exc:  # noqa: BLE001
+            out.append({"name": name, "available": False, "reason": str(exc).splitlines()[0][:160]})
+    return out
+
+
+def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: InferenceOptions, runs: int,
+              min_seconds: float) -> dict:
+    """Warm-up once, then at least `runs` runs and `min_seconds` of them; file-to-file and compute."""
+    kw = dict(out_dtype="input", progress=False, log=lambda m: None)
+    enhance_file(runner, config, warmup, dst, options, **kw)  # warm-up: first-call set-up on a small crop
+    compute, total = [], []
+    with PeakRSS() as rss:
+        while len(total) < runs or sum(total) < min_seconds:
+            r = enhance_file(runner, config, src, dst, options, **kw)
+            compute.append(r.compute_s)
+            total.append(r.total_s)
+            out_voxels = int(np.prod(r.output_shape))
+    stats = summarize(compute)
+    return {"compute": stats, "file_to_file": summarize(total), "file_to_file_s": float(np.median(total)),
+            "voxels_per_s": out_voxels / stats["median"], "peak_rss_mib": rss.peak / 2**20}
+
+
+def time_training(quick: bool, log) -> List[dict]:
+    from .train import train_stages
+
+    shape = (8, 48, 48) if quick else (38, 256, 256)
+    vol = synthetic_volume(shape, seed=1).astype(np.float32)
+    low, high = percentiles(vol, ModelConfig(stages=((2, 2, 2),)).norm)
+    x = normalize(vol, low, high)
+    stages = ((2, 2, 2), (2, 2, 2))
+    recipes = {"ours": TrainConfig(), "paper": TrainConfig.paper()}
+    if quick:
+        recipes = {"ours": TrainConfig(steps=10, patch=(4, 16, 16), val_every=5, val_patches=4)}
+    out = []
+    for name, cfg in recipes.items():
+        log(f"training, {name} recipe: {len(stages)} stages x {cfg.steps} steps on {'x'.join(map(str, shape))}")
+        start = time.perf_counter()
+        train_stages(x, stages, ArchConfig(), cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                     progress=False, log=lambda m: None)
+        seconds = time.perf_counter() - start
+        paper = None if quick else PAPER["train_s"]
+        out.append({"recipe": name, "steps": cfg.steps, "stages": len(stages), "batch": cfg.batch,
+                    "patch": list(cfg.patch), "volume": list(shape), "seconds": seconds, "paper_s": paper,
+                    "speedup": speedup(paper, seconds)})
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: int = 3, min_seconds: float = 0.0,
+              only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print) -> dict:
+    outdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": __version__,
+        "commit": _commit(), "command": command, "quick": quick, "machine": machine(), "paper": PAPER,
+        "backends": [], "inference": [], "training": [], "ratios": {}, "not_measured": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
+        work = Path(tmp)
+        for task in tasks(quick):
+            config, stages = fresh_model(task.stages)
+            found = backends(config, stages, quick, work, log)
+            if not report["backends"]:
+                report["backends"] = [{k: v for k, v in b.items() if k != "runner"} for b in found]
+            data = synthetic_volume(task.shape)
+            src = work / f"{task.name}.tif"
+            write_volume(src, [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
+            crop = data[:4, :64, :64]
+            warmup = work / f"{task.name}_warmup.tif"
+            write_volume(warmup, [crop], crop.shape, crop.dtype, "ZYX", (0.4, 0.1, 0.1))
+            for mode, options in MODES.items():
+                for b in (b for b in found if b["available"]):
+                    if only and not any(o in b["name"] for o in only):
+                        continue
+                    log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}: {b['name']} ...")
+                    row = time_file(b["runner"], config, src, warmup, work / "out.ome.tif", options,
+                                    1 if quick else runs, min_seconds)
+                    row.update(task=task.name, mode=mode, backend=b["name"], input_shape=list(task.shape),
+                               paper_s=task.paper_s, speedup=speedup(task.paper_s, row["file_to_file_s"]))
+                    report["inference"].append(row)
+                    log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
+        if training:
+            report["training"] = time_training(quick, log)
+    for r in report["inference"]:
+        if r["backend"] == "onnxruntime (cpu)":
+            ref = next((t for t in report["inference"] if t["backend"] == "torch eager (cpu)"
+                        and t["task"] == r["task"] and t["mode"] == r["mode"]), None)
+            if ref:
+                report["ratios"][f"{r['task']} {r['mode']}"] = ref["compute"]["median"] / r["compute"]["median"]
+    report["not_measured"] = [f"{b['name']}: {b['reason']}" for b in report["backends"] if not b["available"]]
+    if not torch.cuda.is_available():
+        report["not_measured"].append("host->device / device->host times and peak device memory (no GPU)")
+    report["seconds"] = time.perf_counter() - started
+    write_report(report, outdir)
+    for line in table(report):
+        log(line)
+    return report
+
+
+def write_report(report: dict, outdir: Path) -> None:
+    (outdir / "bench.json").write_text(json.dumps(report, indent=2))
+    (outdir / "bench.md").write_text(markdown(report))
+    chart(report, outdir / "bench.png")
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["inference"]
+    groups = sorted({(r["task"], r["mode"]) for r in rows})
+    names = sorted({r["backend"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups)), 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [next((r["file_to_file_s"] for r in rows if r["backend"] == name and (r["task"], r["mode"]) == g), 0)
+                  for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, values, width, label=name)
+    for j, g in enumerate(groups):
+        paper = PAPER.get(f"{g[0]}_s") if not report["quick"] else None
+        if paper:
+            ax.hlines(paper, j - 0.1, j + 0.8, colors="k", linestyles="dashed")
+            ax.text(j + 0.8, paper, " paper", va="center", fontsize=8)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{t} {m}" for t, m in groups])
+    ax.set_ylabel("file to file, seconds (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"sv-deploy bench on {report['machine']['gpu'] or report['machine']['cpu']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

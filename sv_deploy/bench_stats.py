@@ -1,0 +1,96 @@
+"""Pure parts of `sv-deploy bench`: timing statistics, the paper's reference rows, report text."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+# Table 1 of the Self-Vision paper, single NVIDIA TITAN X (GUIDE.md section 1).
+PAPER = {
+    "hardware": "NVIDIA TITAN X (paper, Table 1)",
+    "train_s": 360.0,
+    "2d_s": 0.5,  # 256x256 -> 1024x1024
+    "3d_s": 62.0,  # 38x256x256 -> 152x1024x1024, ensemble and back-projection
+}
+
+
+def summarize(times: Sequence[float]) -> Dict[str, float]:
+    """trtexec-style statistics of repeated wall times (seconds)."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("no timings to summarize")
+    return {
+        "runs": int(t.size),
+        "min": float(t.min()),
+        "median": float(np.median(t)),
+        "mean": float(t.mean()),
+        "p90": float(np.percentile(t, 90)),
+        "p99": float(np.percentile(t, 99)),
+        "max": float(t.max()),
+    }
+
+
+def speedup(reference_s: Optional[float], ours_s: Optional[float]) -> Optional[float]:
+    if not reference_s or not ours_s:
+        return None
+    return reference_s / ours_s
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# sv-deploy bench ({'quick' if report['quick'] else 'full'})",
+        "",
+        f"{report['date']}, sv-deploy {report['version']}, commit {report.get('commit') or 'n/a'}; "
+        f"machine: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs), GPU: {report['machine']['gpu'] or 'none'}.",
+        f"Command: `{report['command']}`",
+        "",
+        "## Backends",
+        "",
+        "| backend | available | why not |",
+        "|---|---|---|",
+    ]
+    for b in report["backends"]:
+        lines.append(f"| {b['name']} | {'yes' if b['available'] else 'no'} | {b.get('reason') or ''} |")
+    lines += [
+        "",
+        "## Inference",
+        "",
+        "| task | mode | backend | compute median s (min / p90) | file to file s | voxels/s | peak RAM MiB | paper s | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["inference"]:
+        c = r["compute"]
+        lines.append(
+            f"| {r['task']} | {r['mode']} | {r['backend']} | {c['median']:.3f} ({c['min']:.3f} / {c['p90']:.3f}) | "
+            f"{r['file_to_file_s']:.3f} | {r['voxels_per_s']:.3g} | {r['peak_rss_mib']:.0f} | "
+            f"{_fmt(r.get('paper_s'))} | {_fmt(r.get('speedup'), 'x')} |"
+        )
+    if report.get("training"):
+        lines += ["", "## Training", "", "| recipe | steps x stages | seconds | paper s | speedup |", "|---|---|---|---|---|"]
+        for t in report["training"]:
+            lines.append(f"| {t['recipe']} | {t['steps']} x {t['stages']} | {t['seconds']:.1f} | "
+                         f"{_fmt(t.get('paper_s'))} | {_fmt(t.get('speedup'), 'x')} |")
+    if report.get("ratios"):
+        lines += ["", "## ONNX Runtime vs torch (same run)", ""]
+        for k, v in report["ratios"].items():
+            lines.append(f"- {k}: torch / onnxruntime median time = {v:.2f}")
+    lines += ["", "Not measured: " + "; ".join(report["not_measured"]) if report["not_measured"] else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _fmt(value, suffix="") -> str:
+    return "" if value is None else f"{value:.2f}{suffix}"
+
+
+def table(report: dict) -> List[str]:
+    rows = [f"{'task':<8} {'mode':<5} {'backend':<22} {'median s':>9} {'file s':>8} {'paper s':>8} {'speedup':>8}"]
+    for r in report["inference"]:
+        rows.append(
+            f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} {r['compute']['median']:>9.3f} "
+            f"{r['file_to_file_s']:>8.3f} {_fmt(r.get('paper_s')):>8} {_fmt(r.get('speedup'), 'x'):>8}"
+        )
+    for t in report.get("training", []):
+        rows.append(f"train    {t['recipe']:<5} {'':<22} {t['seconds']:>9.1f} {'':>8} "
+                    f"{_fmt(t.get('paper_s')):>8} {_fmt(t.get('speedup'), 'x'):>8}")
+    return rows

@@ -1,0 +1,44 @@
+"""`sv-deploy bench`: statistics, and a real --quick run that writes JSON, Markdown and PNG."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sv_deploy.bench_stats import PAPER, speedup, summarize
+
+from test_cli import run
+
+
+def test_summary_statistics():
+    s = summarize([3.0, 1.0, 2.0, 4.0, 100.0])
+    assert s["runs"] == 5 and s["min"] == 1.0 and s["median"] == 3.0 and s["max"] == 100.0
+    assert s["mean"] == pytest.approx(22.0)
+    assert s["p90"] == pytest.approx(np.percentile([1, 2, 3, 4, 100], 90))
+    assert s["p99"] > s["p90"] > s["median"]
+    with pytest.raises(ValueError):
+        summarize([])
+    assert speedup(62.0, 31.0) == 2.0 and speedup(None, 1.0) is None
+
+
+def test_quick_bench_writes_its_reports(tmp_path):
+    out = tmp_path / "bench"
+    result = run("bench", out, "--quick", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert json.loads((out / "bench.json").read_text()) == report
+    assert (out / "bench.md").read_text().startswith("# sv-deploy bench (quick)")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["paper"] == PAPER
+    names = {b["name"]: b for b in report["backends"]}
+    assert names["torch eager (cpu)"]["available"] and names["onnxruntime (cpu)"]["available"]
+    assert all(b["available"] or b["reason"] for b in report["backends"])
+    rows = {(r["task"], r["mode"], r["backend"]) for r in report["inference"]}
+    for task in ("2d", "3d"):
+        for mode in ("full", "fast"):
+            assert (task, mode, "torch eager (cpu)") in rows
+    for r in report["inference"]:
+        assert 0 < r["compute"]["median"] <= r["file_to_file_s"] * 1.5
+        assert r["voxels_per_s"] > 0 and r["peak_rss_mib"] > 0
+    assert report["training"][0]["seconds"] > 0
+    assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
