@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from sv_deploy.bench import provenance
 from sv_deploy.metrics import psnr
 from sv_deploy.volume_io import read_volume
 
@@ -83,12 +81,8 @@ def main():
         print(f"{name}: ORT fp32 max diff {b['onnxruntime_fp32']['max_abs_diff_over_range']:.2e} of range; "
               f"fp16 {b['onnxruntime_fp16']['psnr_vs_torch']:.1f} dB vs torch, truth PSNR "
               f"{b['torch']['vs_truth']['psnr']:.3f} -> {b['onnxruntime_fp16']['vs_truth']['psnr']:.3f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": " ".join(["python", "benchmarks/export_parity.py", *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        **provenance(" ".join(["python", "benchmarks/export_parity.py", *sys.argv[1:]])),
         "results": results,
     }
     out = HERE / "results" / f"export_parity_{args.tag}.json"

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from sv_deploy.bench import provenance
 from sv_deploy.normalize import cast
 from sv_deploy.resize import downsample
 from sv_deploy.volume_io import read_volume, write_volume
@@ -103,12 +101,8 @@ def main():
             print(f"{name}: ours {r['ours']['psnr']:.2f} dB / {r['ours']['ssim']:.4f}, tricubic "
                   f"{r['tricubic']['psnr']:.2f}, tricubic+BP {r['tricubic_bp']['psnr']:.2f}; "
                   f"train {r['train_s']:.0f} s, infer {r['infer_s']:.0f} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        **provenance(" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])),
         "recipe": args.recipe,
         "results": results,
     }
@@ -116,16 +110,6 @@ def main():
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(report) -> str:

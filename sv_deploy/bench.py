@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -213,13 +213,18 @@ def machine() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
+def provenance(command: str) -> dict:
+    """When, from which commit, by which command, on which machine: the header of every result file."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+            "command": command, "machine": machine()}
+
+
 def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: int = 3, min_seconds: float = 0.0,
               only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": __version__,
-        "commit": _commit(), "command": command, "quick": quick, "machine": machine(), "paper": PAPER,
+        **provenance(command), "version": __version__, "quick": quick, "paper": PAPER,
         "backends": [], "inference": [], "training": [], "ratios": {}, "not_measured": [],
     }
     with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:

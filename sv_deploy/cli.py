@@ -9,7 +9,6 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Tuple
 
 import click
 import numpy as np
@@ -241,6 +240,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     config, runner = open_backend(model, backend, device, log=log)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters)
     read = ReadOptions(axes, channel, time_index, voxel_size)
+
+    tile = tile or getattr(runner, "tile", None)  # a TensorRT engine brings the tile it was built for
 
     def run_one(path, out):
         result = enhance_file(runner, config, path, out, options, read, out_dtype, tile, budget, not quiet, log)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from math import prod
-from typing import Sequence, Tuple
+from typing import Sequence
 
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .errors import UserError

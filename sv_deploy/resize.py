@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from functools import lru_cache
-from math import ceil, floor
+from math import ceil
 from typing import Sequence
 
 import numpy as np

@@ -175,7 +175,7 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     with atomic_output(cache_path) as tmp:
         tmp.write_bytes(cache)
     manifest = EngineManifest(
-        engines=tuple(names), profiles=tuple(profiles), tensorrt_version=trt.__version__, gpu_name=gpu_name,
+        engines=tuple(names), profiles=tuple(profiles), tile=tuple(options.tile), tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=capability, plugin=plugin, plugin_version=shuffle_op.PLUGIN_VERSION,
         precision=onnx_graph.read_metadata(graph)["precision"], source_onnx=onnx_path.name,
         source_onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), config=config.to_json(),
@@ -210,6 +210,7 @@ class TensorRTBackend:
         if self.manifest.plugin:
             register_plugin()  # the JIT fallback needs it; AOT engines do not, and it costs nothing
         self.config = ModelConfig.from_json(self.manifest.config)
+        self.tile = self.manifest.tile  # tiles beyond the engine's profiles cannot run
         self.dtype = torch.float16 if self.manifest.precision == "fp16" else torch.float32
         logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(logger)

@@ -110,6 +110,7 @@ class EngineManifest:
 
     engines: Tuple[str, ...]  # file names beside the manifest, one per stage
     profiles: Tuple[Profile, ...]
+    tile: Shape3  # the tile core the profiles were built for; infer uses it unless told otherwise
     tensorrt_version: str
     gpu_name: str
     compute_capability: Tuple[int, int]
@@ -133,6 +134,7 @@ class EngineManifest:
         data["engines"] = tuple(data["engines"])
         data["profiles"] = tuple(Profile(*(tuple(p[k]) for k in ("min", "opt", "max"))) for p in data["profiles"])
         data["compute_capability"] = tuple(data["compute_capability"])
+        data["tile"] = tuple(data["tile"])
         return cls(**data)
 
 

@@ -2,7 +2,6 @@ import numpy as np
 
 from sv_deploy.evaluate import evaluate, infer_factors
 from sv_deploy.metrics import match_minmse, psnr, score, ssim
-from sv_deploy.resize import downsample
 
 
 def test_gain_and_offset_do_not_decide_the_matched_score():

@@ -69,7 +69,7 @@ def test_back_projection_reach_is_bounded_and_grows_with_iterations():
 def test_back_projection_beyond_its_reach_changes_nothing_measurable():
     """Data beyond bp_reach of a voxel moves that voxel's back-projected value by < 1e-6 of the range."""
     from sv_deploy.enhance import back_project
-    from sv_deploy.resize import bp_reach, downsample, upsample
+    from sv_deploy.resize import bp_reach, upsample
 
     rng = np.random.default_rng(0)
     lr = rng.random((6, 8, 60)).astype(np.float32)

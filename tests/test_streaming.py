@@ -1,11 +1,9 @@
 """Streaming inference: overlap, memory planning and bounds, many inputs, and watching a folder."""
 
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -95,7 +95,7 @@ def test_builtin_baseline_drops_only_the_plugin_namespace():
 def make_manifest(**changes):
     profiles = stage_profiles(((2, 2, 2),), ArchConfig(), (8, 16, 16), 0)
     base = EngineManifest(
-        engines=("m.plugin.stage1.engine",), profiles=tuple(profiles), tensorrt_version="10.13.0",
+        engines=("m.plugin.stage1.engine",), profiles=tuple(profiles), tile=(8, 16, 16), tensorrt_version="10.13.0",
         gpu_name="NVIDIA H100", compute_capability=(9, 0), plugin=True, plugin_version="1", precision="fp16",
         source_onnx="m.onnx", source_onnx_sha256="a" * 64, config="{}", created="2026-11-21T00:00:00+00:00",
     )
