@@ -73,3 +73,33 @@ def test_shape_and_grid_arithmetic():
     assert launch_grid(1, 1024) == (1, 1, 1)
     assert launch_grid(1024, 1024) == (1, 1, 1)
     assert launch_grid(1025, 1024) == (2, 1, 1)
+
+
+AOT_SCRIPT = """
+import json, re, sys
+from triton.backends.compiler import GPUTarget
+from sv_deploy.kernels.pixel_shuffle3d import NUM_WARPS, compile_plain
+compiled = compile_plain(sys.argv[1], (1, 2, 3), target=GPUTarget("cuda", 90, 32))
+ptx, name = compiled.asm["ptx"], compiled.metadata.name
+kinds = re.findall(r"\\.param \\.(\\w+)[^\\n]*" + name + r"_param_", ptx)
+print(json.dumps({"entry": f".entry {name}(" in ptx, "kinds": kinds, "warps": compiled.metadata.num_warps == NUM_WARPS}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_ahead_of_time_compile_gives_ptx_with_the_plugin_argument_order(dtype):
+    """What the TensorRT plugin's aot_impl embeds: PTX for (input, 5 int32 scalars, output).
+
+    Compiled in a fresh process: this module runs Triton in interpreter mode, which cannot compile.
+    """
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, dtype], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["entry"] and got["warps"]
+    assert got["kinds"][:7] == ["u64", "u32", "u32", "u32", "u32", "u32", "u64"]  # x, n_out, c, d, h, w, y
