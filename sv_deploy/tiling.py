@@ -1,4 +1,4 @@
-"""Tile plans: cores that cover the LR volume, each read with a halo and cropped after upsampling.
+"""Tile plans: cores that cover the LR volume, each read with a halo that is cut away after enhancing.
 
 Pure arithmetic, so tiled == whole-volume can be reasoned about and tested without a model.
 """
@@ -19,7 +19,6 @@ Span = Tuple[int, int]
 class Tile:
     read: Tuple[Span, Span, Span]  # LR region read, halo included
     core: Tuple[Span, Span, Span]  # LR region this tile is responsible for
-    crop: Tuple[Span, Span, Span]  # region of the upsampled tile to keep (HR, tile-relative)
     out: Tuple[Span, Span, Span]  # where the kept region goes in the HR volume
 
 
@@ -56,14 +55,13 @@ def plan_tiles(shape: Shape3, core: Shape3, halo: Shape3, factors: Factors) -> L
         for sy in per_axis[1]:
             for sx in per_axis[2]:
                 spans = (sz, sy, sx)
-                read, crop, out = [], [], []
+                read, out = [], []
                 for a, (s, e) in enumerate(spans):
                     r0, r1 = max(0, s - halo[a]), min(shape[a], e + halo[a])
                     f = factors[a]
                     read.append((r0, r1))
-                    crop.append(((s - r0) * f, (e - r0) * f))
                     out.append((s * f, e * f))
-                tiles.append(Tile(tuple(read), spans, tuple(crop), tuple(out)))  # type: ignore
+                tiles.append(Tile(tuple(read), spans, tuple(out)))  # type: ignore
     return tiles
 
 

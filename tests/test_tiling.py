@@ -14,9 +14,9 @@ def test_tiles_cover_the_output_exactly_once(shape, core, factors):
     cover = np.zeros([n * f for n, f in zip(shape, factors)], np.int32)
     for t in tiles:
         cover[tuple(slice(*s) for s in t.out)] += 1
-        for (r0, r1), (c0, c1), (cr0, cr1), f in zip(t.read, t.core, t.crop, factors):
+        for (r0, r1), (c0, c1), (o0, o1), f in zip(t.read, t.core, t.out, factors):
             assert r0 <= c0 < c1 <= r1
-            assert cr1 - cr0 == (c1 - c0) * f
+            assert (o0, o1) == (c0 * f, c1 * f)
     assert (cover == 1).all()
 
 
