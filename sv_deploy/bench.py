@@ -119,16 +119,16 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
 
 
 def _compiled(stages, quick: bool) -> dict:
-    name = "torch compiled"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = f"torch compiled ({device.type})"
     if quick:
         return {"name": name, "available": False, "reason": "skipped with --quick (compiling takes minutes)"}
     try:
         from .backends import TorchBackend
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in stages], device)
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
-        runner.name = f"torch compiled ({device.type})"
+        runner.name = name
         return {"name": runner.name, "available": True, "runner": runner}
     except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available here"
         return {"name": name, "available": False, "reason": f"torch.compile failed: {str(exc).splitlines()[0][:120]}"}
@@ -213,6 +213,20 @@ def machine() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
+def _merge_availability(listed: List[dict], found: List[dict], task: str) -> None:
+    """One row per backend over all tasks: available if it ran for any; the reason names each task
+    it could not run for."""
+    for b in found:
+        row = next((r for r in listed if r["name"] == b["name"]), None)
+        if row is None:
+            row = {"name": b["name"], "available": False, "reason": None}
+            listed.append(row)
+        row["available"] = row["available"] or b["available"]
+        if not b["available"]:
+            reason = f"{task}: {b.get('reason')}"
+            row["reason"] = reason if not row["reason"] else f"{row['reason']}; {reason}"
+
+
 def provenance(command: str) -> dict:
     """When, from which commit, by which command, on which machine: the header of every result file."""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
@@ -232,8 +246,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
         for task in tasks(quick):
             config, stages = fresh_model(task.stages)
             found = backends(config, stages, quick, work, log)
-            if not report["backends"]:
-                report["backends"] = [{k: v for k, v in b.items() if k != "runner"} for b in found]
+            _merge_availability(report["backends"], found, task.name)
             data = synthetic_volume(task.shape)
             src = work / f"{task.name}.tif"
             write_volume(src, [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
