@@ -126,6 +126,7 @@ def _compiled(stages, quick: bool) -> dict:
     try:
         from .backends import TorchBackend
 
+        torch._dynamo.reset()  # a model compiled for an earlier task otherwise breaks this one's guards
         runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in stages], device)
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
         runner.name = name
