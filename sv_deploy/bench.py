@@ -240,7 +240,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     started = time.perf_counter()
     report = {
         **provenance(command), "version": __version__, "quick": quick, "paper": PAPER,
-        "backends": [], "inference": [], "training": [], "ratios": {}, "not_measured": [],
+        "backends": [], "inference": [], "training": [], "ratios": {}, "failed": [], "not_measured": [],
     }
     with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
         work = Path(tmp)
@@ -259,8 +259,14 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                     if only and not any(o in b["name"] for o in only):
                         continue
                     log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}: {b['name']} ...")
-                    row = time_file(b["runner"], config, src, warmup, work / "out.ome.tif", options,
-                                    1 if quick else runs, min_seconds)
+                    try:
+                        row = time_file(b["runner"], config, src, warmup, work / "out.ome.tif", options,
+                                        1 if quick else runs, min_seconds)
+                    except Exception as exc:  # noqa: BLE001 - a backend that breaks is reported, not fatal
+                        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+                        report["failed"].append({"task": task.name, "mode": mode, "backend": b["name"], "error": reason})
+                        log(f"  failed: {reason}")
+                        continue
                     row.update(task=task.name, mode=mode, backend=b["name"], input_shape=list(task.shape),
                                paper_s=task.paper_s, speedup=speedup(task.paper_s, row["file_to_file_s"]))
                     report["inference"].append(row)
@@ -274,6 +280,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
             if ref:
                 report["ratios"][f"{r['task']} {r['mode']}"] = ref["compute"]["median"] / r["compute"]["median"]
     report["not_measured"] = [f"{b['name']}: {b['reason']}" for b in report["backends"] if not b["available"]]
+    report["not_measured"] += [f"{f['task']} {f['mode']} on {f['backend']}: failed ({f['error']})" for f in report["failed"]]
     if not torch.cuda.is_available():
         report["not_measured"].append("host->device / device->host times and peak device memory (no GPU)")
     report["seconds"] = time.perf_counter() - started
