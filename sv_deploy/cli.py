@@ -229,6 +229,7 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     from .enhance_file import ReadOptions, enhance_file, output_name
     from .memory import parse_size
 
+    start = time.perf_counter()
     paths = _expand(inputs)
     if not paths and not watch_dir:
         raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
@@ -263,7 +264,6 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     outdir.mkdir(parents=True, exist_ok=True)
     factors = config.total_factors()
     done, failed = [], []
-    start = time.perf_counter()
 
     def handle(path):
         out = outdir / output_name(path, factors)
@@ -276,6 +276,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         except UserError as exc:
             failed.append(path)
             log(f"error: {path}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad acquisition must not end a batch or a watch
+            failed.append(path)
+            log(f"error: {path}: unexpected {type(exc).__name__}: {exc}; skipped")
 
     for path in paths:
         handle(path)
