@@ -27,11 +27,12 @@ def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         raise UserError(f"{path}: no such ONNX file")
     try:
         model = onnx.load(str(path))
-        onnx_graph.read_metadata(model)
-    except (onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, OSError) as exc:  # type: ignore[attr-defined]
-        raise UserError(f"{path} is not an sv-deploy ONNX export ({exc}); create one with 'sv-deploy export'") from None
-    except Exception as exc:  # protobuf raises its own DecodeError for non-ONNX bytes
+    except Exception as exc:  # protobuf and onnx raise their own types for bytes that are not ONNX
         raise UserError(f"{path} is not an ONNX file ({type(exc).__name__}); create one with 'sv-deploy export'") from None
+    try:
+        onnx_graph.read_metadata(model)
+    except ValueError as exc:
+        raise UserError(f"{path} is not an sv-deploy ONNX export ({exc}); create one with 'sv-deploy export'") from None
     return model
 
 
