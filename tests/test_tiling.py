@@ -35,34 +35,21 @@ def test_halo_grows_with_back_projection_and_shrinks_through_stages():
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 0) == (12, 12, 12)
 
 
-@pytest.mark.parametrize("bp_iters", [0, 2, 10])
-def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, bp_iters):
-    stage, _, x, _ = trained_small
-    backend = TorchBackend([stage], stage.interp_weight.device)
-    arch = ArchConfig()
-    stages = [(2, 2, 2)]
-    options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=(6, 20, 24))
-    assert len(plan_tiles(x.shape, options.tile, total_halo(stages, arch, bp_iters), (2, 2, 2))) >= 8
-    whole = enhance_block(backend, stages, x, options)
-    tiled = enhance_volume(backend, stages, arch, x, options)
-    assert tiled.shape == whole.shape == tuple(2 * n for n in x.shape)
-    assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)
-
-
-@pytest.mark.parametrize("bp_iters", [0, 3])
-def test_tiled_equals_whole_for_two_chained_stages(trained_small, bp_iters):
-    """x4: stage 2 runs on stage 1's output trimmed to what it still needs; still equal to whole."""
+@pytest.mark.parametrize("chained,bp_iters", [(1, 0), (1, 2), (1, 10), (2, 0), (2, 3)])
+def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, chained, bp_iters):
+    """x2, and x4 as two chained stages (stage 2 runs on stage 1's output trimmed to what it needs)."""
     import copy
 
     stage, _, x, _ = trained_small
-    stages = [stage, copy.deepcopy(stage)]
-    backend = TorchBackend(stages, stage.interp_weight.device)
+    modules = [stage] + [copy.deepcopy(stage) for _ in range(chained - 1)]
+    backend = TorchBackend(modules, stage.interp_weight.device)
     arch = ArchConfig()
-    factors = [(2, 2, 2), (2, 2, 2)]
-    block = x[:10, :40, :36]
-    options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=(4, 12, 12))
-    assert len(plan_tiles(block.shape, options.tile, total_halo(factors, arch, bp_iters), (4, 4, 4))) >= 8
+    factors = [(2, 2, 2)] * chained
+    block, tile = (x, (6, 20, 24)) if chained == 1 else (x[:10, :40, :36], (4, 12, 12))
+    options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=tile)
+    scale = 2 ** chained
+    assert len(plan_tiles(block.shape, tile, total_halo(factors, arch, bp_iters), (scale,) * 3)) >= 8
     whole = enhance_block(backend, factors, block, options)
     tiled = enhance_volume(backend, factors, arch, block, options)
-    assert tiled.shape == whole.shape == tuple(4 * n for n in block.shape)
+    assert tiled.shape == whole.shape == tuple(scale * n for n in block.shape)
     assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)
