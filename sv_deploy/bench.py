@@ -61,10 +61,10 @@ def synthetic_volume(shape: Shape3, seed: int = 0) -> np.ndarray:
     return (vol * 60000 + 100).astype(np.uint16)
 
 
-def fresh_model(stages, seed: int = 0):
+def fresh_model(stages, seed: int = 0, axes: str = "ZYX"):
     torch.manual_seed(seed)
     arch = ArchConfig()
-    return ModelConfig(stages=tuple(stages), arch=arch), [SVStage(f, arch).eval() for f in stages]
+    return ModelConfig(stages=tuple(stages), arch=arch, axes=axes), [SVStage(f, arch).eval() for f in stages]
 
 
 class PeakRSS:
@@ -235,7 +235,8 @@ def provenance(command: str) -> dict:
 
 
 def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: int = 3, min_seconds: float = 0.0,
-              only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print) -> dict:
+              only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print,
+              select: Sequence[str] = ()) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {
@@ -245,7 +246,9 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
         work = Path(tmp)
         for task in tasks(quick):
-            config, stages = fresh_model(task.stages)
+            if select and task.name not in select:
+                continue
+            config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
             found = backends(config, stages, quick, work, log)
             _merge_availability(report["backends"], found, task.name)
             data = synthetic_volume(task.shape)

@@ -434,10 +434,11 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per row (after one warm-up).")
 @click.option("--min-seconds", type=float, default=0.0, show_default=True, help="Keep running a row until this much time is spent.")
 @click.option("--backend", "only", multiple=True, help="Only backends whose name contains this (repeatable).")
+@click.option("--task", "select", multiple=True, type=click.Choice(["2d", "3d"]), help="Only these inference tasks (repeatable).")
 @click.option("--no-training", is_flag=True, help="Skip the training rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
 @friendly
-def bench(outdir, quick, runs, min_seconds, only, no_training, as_json):
+def bench(outdir, quick, runs, min_seconds, only, select, no_training, as_json):
     """Time the paper's tasks (Table 1) on every available backend; write JSON, Markdown and a PNG.
 
     Tasks: 2D 256x256 -> 1024x1024 and 3D 38x256x256 -> 152x1024x1024 (x4), each with the full recipe
@@ -453,7 +454,7 @@ def bench(outdir, quick, runs, min_seconds, only, no_training, as_json):
 
     command = "sv-deploy bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sv-deploy bench"
     report = run_bench(Path(outdir), quick=quick, training=not no_training, runs=runs, min_seconds=min_seconds,
-                       only=only, command=command, log=lambda m: click.echo(m, err=True))
+                       only=only, command=command, log=lambda m: click.echo(m, err=True), select=select)
     click.echo(f"wrote {outdir}/bench.json, bench.md, bench.png in {report['seconds']:.0f} s", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -56,8 +56,12 @@ def to_onnx(config: ModelConfig, stages: List[SVStage], source_sha256: str, prec
         raise UserError(f"unknown precision '{precision}'; use fp32 or fp16")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     chain = Chain([copy.deepcopy(s).cpu() for s in stages]).to(dtype).eval()
-    example = torch.zeros(_TRACE_SHAPE, dtype=dtype)
-    dims = {0: torch.export.Dim("N"), 2: torch.export.Dim("D"), 3: torch.export.Dim("H"), 4: torch.export.Dim("W")}
+    planar = config.axes == "YX"  # a 2D model: depth fixed at 1, single-plane convolutions in the graph
+    shape = (_TRACE_SHAPE[0], 1, 1, *_TRACE_SHAPE[3:]) if planar else _TRACE_SHAPE
+    example = torch.zeros(shape, dtype=dtype)
+    dims = {0: torch.export.Dim("N"), 3: torch.export.Dim("H"), 4: torch.export.Dim("W")}
+    if not planar:
+        dims[2] = torch.export.Dim("D")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -77,7 +77,7 @@ class SVStage(nn.Module):
         return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
 
     def residual_phases(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[2] == 1 and not torch.onnx.is_in_onnx_export():
+        if x.shape[2] == 1:  # static under export: only a 2D model is traced with depth 1
             for layer in (*self.extract, *self.shrink, *self.mid, self.expand):
                 x = single_plane_conv(layer, x) if isinstance(layer, nn.Conv3d) else layer(x)
             return x

@@ -132,3 +132,22 @@ def test_export_leaves_the_torch_model_untouched(x2):
     config, stages, _ = x2
     to_onnx(config, stages, "0" * 64, precision="fp16")
     assert all(p.dtype == torch.float32 for p in stages[0].parameters())
+
+
+def test_a_2d_model_exports_single_plane_convolutions():
+    """A model trained on 2D images gets depth fixed at 1 and 2D-sized kernels, same output."""
+    torch.manual_seed(0)
+    stages = [SVStage((1, 2, 2)), SVStage((1, 2, 2))]
+    for s in stages:
+        torch.nn.init.normal_(s.expand.weight, std=0.05)
+    config = ModelConfig(stages=((1, 2, 2), (1, 2, 2)), axes="YX")
+    model = to_onnx(config, stages, "3" * 64)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[2].dim_value == 1
+    kernels = [list(i.dims) for i in model.graph.initializer if len(i.dims) == 5]
+    assert kernels and all(k[2] == 1 for k in kernels)  # no z taps left
+    x = np.random.default_rng(1).random((2, 1, 1, 12, 16), dtype=np.float32)
+    with torch.no_grad():
+        ref = Chain(stages)(torch.from_numpy(x)).numpy()
+    got = OnnxRuntimeBackend(model, device="cpu").run_chain(x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
