@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .backends import Backend
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .geometry import ensemble_transforms, forward, inverse
-from .resize import downsample, upsample
+from .resize import downsample, round_trip, upsample
 from .tiling import Tile, plan_tiles, slabs, to_slices, total_halo
 
 
@@ -26,10 +26,20 @@ class InferenceOptions:
 
 
 def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int) -> np.ndarray:
-    """Iterative back-projection: make y consistent with the LR data under the degradation model."""
-    for _ in range(iters):
-        y = y + upsample(lr - downsample(y, factors), factors)
-    return y
+    """Iterative back-projection: make y consistent with the LR data under the degradation model.
+
+    y_{k+1} = y_k + U(lr - D y_k). Since every step is linear, the residuals obey
+    e_{k+1} = (I - DU) e_k, so all iterations run at LR size and y_K = y_0 + U(e_0 + ... + e_{K-1}):
+    one shrink and one upsampling of the full-size volume instead of one of each per iteration.
+    """
+    if iters <= 0:
+        return y
+    e = lr - downsample(y, factors)
+    total = e.copy()
+    for _ in range(iters - 1):
+        e = e - round_trip(e, factors)
+        total += e
+    return y + upsample(total, factors)
 
 
 def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) -> np.ndarray:

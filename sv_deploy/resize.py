@@ -65,25 +65,46 @@ def resize_matrix(in_length: int, scale: float, antialias: bool = True) -> np.nd
 
 def resize(x: np.ndarray, scales: Sequence[float], antialias: bool = True) -> np.ndarray:
     """Resize the last len(scales) axes of x by the given per-axis scales (1 = untouched)."""
+    return _per_axis(x, [None if s == 1 else (resize_matrix, (float(s), antialias)) for s in scales])
+
+
+@lru_cache(maxsize=256)
+def round_trip_matrix(length: int, factor: int) -> np.ndarray:
+    """D @ U along one axis: cubic upsampling by `factor`, then the antialiased shrink back (length x length)."""
+    up = resize_matrix(length, float(factor)).astype(np.float64)
+    down = resize_matrix(up.shape[0], 1.0 / factor).astype(np.float64)
+    matrix = (down @ up).astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+def round_trip(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """downsample(upsample(x)) computed at x's own size: the operators are separable per axis, so the
+    product of the two per-axis matrices replaces a pass over the (larger) upsampled volume."""
+    return _per_axis(x, [None if f == 1 else (round_trip_matrix, (int(f),)) for f in factors])
+
+
+def _per_axis(x: np.ndarray, ops) -> np.ndarray:
+    """Apply one matrix per trailing axis; `ops[i]` is None (skip) or (make_matrix, extra args)."""
     x = np.asarray(x, dtype=np.float32)
-    first = x.ndim - len(scales)
-    for offset, scale in enumerate(scales):
-        if scale == 1:
+    first = x.ndim - len(ops)
+    for offset, op in enumerate(ops):
+        if op is None:
             continue
         axis = first + offset
-        w = resize_matrix(x.shape[axis], float(scale), antialias)
+        make, args = op
         if 0 < axis < x.ndim - 1:
-            x = _apply_sparse(_sparse(x.shape[axis], float(scale), antialias), x, axis)
+            x = _apply_sparse(_sparse(make, x.shape[axis], *args), x, axis)
         else:
-            x = np.moveaxis(np.tensordot(w, x, axes=([1], [axis])), 0, axis)
+            x = np.moveaxis(np.tensordot(make(x.shape[axis], *args), x, axes=([1], [axis])), 0, axis)
     return np.ascontiguousarray(x)
 
 
 @lru_cache(maxsize=256)
-def _sparse(in_length: int, scale: float, antialias: bool):
+def _sparse(make, length: int, *args):
     from scipy.sparse import csr_matrix
 
-    return csr_matrix(resize_matrix(in_length, scale, antialias))
+    return csr_matrix(make(length, *args))
 
 
 def _apply_sparse(w, x: np.ndarray, axis: int) -> np.ndarray:
@@ -162,6 +183,8 @@ __all__ = [
     "phase_weights",
     "resize",
     "resize_matrix",
+    "round_trip",
+    "round_trip_matrix",
     "bp_reach",
     "support_radius",
     "upsample",

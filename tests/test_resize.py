@@ -82,3 +82,22 @@ def test_back_projection_beyond_its_reach_changes_nothing_measurable():
     # and the reach is not padding: cutting well inside it does change the result
     near = back_project(y0[..., : 33 * 2], lr[..., :33], (1, 1, 2), 10)
     assert np.abs(full[..., 60:62] - near[..., 60:62]).max() > 1e-4
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 3)])
+def test_back_projection_at_lr_size_equals_the_iteration_it_replaces(factors):
+    """back_project runs the iterations on LR-size residuals; it must equal y += U(lr - D y), 10 times."""
+    from sv_deploy.enhance import back_project
+    from sv_deploy.resize import round_trip, upsample
+
+    rng = np.random.default_rng(1)
+    lr = rng.random((7, 18, 15)).astype(np.float32)
+    y = upsample(lr, factors) + 0.2 * rng.standard_normal(
+        tuple(n * f for n, f in zip(lr.shape, factors))).astype(np.float32)
+    np.testing.assert_allclose(round_trip(lr, factors), downsample(upsample(lr, factors), factors), atol=2e-6)
+    expected = y.copy()
+    for _ in range(10):
+        expected = expected + upsample(lr - downsample(expected, factors), factors)
+    got = back_project(y, lr, factors, 10)
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(lr - downsample(got, factors)).max() < np.abs(lr - downsample(y, factors)).max() / 2
