@@ -58,11 +58,27 @@ def model_kind(path: str) -> str:
     return "svmodel"
 
 
+def auto_backend(kind: str, device: str) -> str:
+    """The measured-faster path: on a CPU, ONNX Runtime (1.6-1.8x torch on 2 cores, BENCH.md); on a
+    CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional extra)."""
+    if kind == "onnx":
+        return "onnxruntime"
+    if kind == "engine":
+        return "tensorrt"
+    if pick_device(device).type == "cuda":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print):
     """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest."""
     kind = model_kind(path)
     if backend == "auto":
-        backend = {"svmodel": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
+        backend = auto_backend(kind, device)
     if backend == "torch":
         if kind != "svmodel":
             raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")
@@ -76,12 +92,11 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
         if kind == "engine":
             raise UserError(f"{path} is a TensorRT engine manifest; use --backend tensorrt or pass the .onnx file")
         if kind == "svmodel":
-            from .export import to_onnx
             from .model_file import load_model
+            from .onnx_cache import cached_export
 
             config, stages, digest = load_model(path)
-            log(f"exporting {path} to ONNX in memory (save this step with 'sv-deploy export')")
-            runner = OnnxRuntimeBackend(to_onnx(config, stages, digest), device=device, log=log)
+            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log), device=device, log=log)
         else:
             runner = OnnxRuntimeBackend(path, device=device, log=log)
         return runner.config, runner

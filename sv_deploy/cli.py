@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -34,7 +35,13 @@ def friendly(func):
         except UserError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written", 130)
+            # Every partial output is gone by now (removed while unwinding). Leave without interpreter
+            # shutdown: a native thread pool (torch, ONNX Runtime) tearing down after a SIGINT could
+            # kill the process by the signal (exit -2) instead of the promised 130.
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except MemoryError:
             _fail("out of memory; use a smaller --tile (or --batch when training)", 3)
 
@@ -200,7 +207,8 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
               show_default=True, help="Output pixel type.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True, help="auto picks by MODEL: .svmodel -> torch, .onnx -> onnxruntime, .trt.json -> tensorrt.")
+              show_default=True, help="auto: .onnx -> onnxruntime, .trt.json -> tensorrt, .svmodel -> onnxruntime on a CPU (export cached "
+                   "once, see README) and torch on a CUDA GPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Keep running: enhance each TIFF that lands in this folder.")
 @click.option("--settle", type=float, default=2.0, show_default=True, help="--watch: seconds a file must stay unchanged before it is read.")

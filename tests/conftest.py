@@ -20,6 +20,19 @@ DATA = Path(os.environ.get("SV_DEPLOY_TEST_DATA", REPO.parent / "shared" / "data
 SMALL_TRAIN = TrainConfig(steps=150, batch=8, patch=(8, 32, 32), lr=2e-3, val_every=25, val_patches=16)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_export_cache(tmp_path_factory):
+    """Keep the ONNX export cache that `infer` writes out of the user's home folder."""
+    folder = tmp_path_factory.mktemp("sv-deploy-cache")
+    before = os.environ.get("SV_DEPLOY_CACHE")
+    os.environ["SV_DEPLOY_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SV_DEPLOY_CACHE", None)
+    else:
+        os.environ["SV_DEPLOY_CACHE"] = before
+
+
 def data_file(*parts: str) -> Path:
     path = DATA.joinpath(*parts)
     if not path.exists():

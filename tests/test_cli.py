@@ -172,6 +172,31 @@ def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, t
     assert np.abs(a.data - b.data).max() <= 1e-5 * span
 
 
+def test_default_backend_on_cpu_is_onnxruntime_with_the_export_cached_once(model_file, lr_file, tmp_path,
+                                                                           monkeypatch):
+    from sv_deploy.onnx_cache import cache_path
+    from sv_deploy.model_file import read_header
+
+    monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
+    common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q", "--device", "cpu"]
+    first = run("infer", model_file, lr_file, "-o", tmp_path / "a.ome.tif", *common)
+    assert first.exit_code == 0, first.output
+    assert "onnxruntime" in first.stderr and "cached the export" in first.stderr
+    cached = cache_path(read_header(model_file)["sha256"])
+    assert cached.is_file() and cached.parent.parent == tmp_path / "cache"
+    second = run("infer", model_file, lr_file, "-o", tmp_path / "b.ome.tif", *common)
+    assert second.exit_code == 0 and "onnxruntime" in second.stderr and "export" not in second.stderr
+    assert run("infer", model_file, lr_file, "-o", tmp_path / "t.ome.tif", "--backend", "torch", *common).exit_code == 0
+    a, b, t = (read_volume(tmp_path / n).data for n in ("a.ome.tif", "b.ome.tif", "t.ome.tif"))
+    assert np.array_equal(a, b)
+    assert np.abs(a - t).max() <= 1e-5 * float(t.max() - t.min())
+    # a damaged cache entry is noticed and rebuilt, not trusted
+    cached.write_bytes(b"not onnx")
+    third = run("infer", model_file, lr_file, "-o", tmp_path / "c.ome.tif", *common)
+    assert third.exit_code == 0 and "does not match" in third.stderr
+    assert np.array_equal(read_volume(tmp_path / "c.ome.tif").data, a)
+
+
 def test_export_errors(model_file, lr_file, tmp_path):
     pytest.importorskip("onnx")
     try:

@@ -1,0 +1,63 @@
+"""A per-user cache of ONNX exports, so a .svmodel runs on ONNX Runtime without re-exporting each call.
+
+ONNX Runtime is the faster CPU path (benchmarks/BENCH.md), but exporting costs seconds; the export
+is written once under the cache folder, named by the model's checksum and the versions that made
+it, and checked against that checksum when read back. The cache is only a speed-up: when it cannot
+be written the export stays in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import onnx
+import torch
+
+from . import __version__, onnx_graph
+
+ENV = "SV_DEPLOY_CACHE"
+
+
+def cache_dir() -> Path:
+    """$SV_DEPLOY_CACHE, else $XDG_CACHE_HOME/sv-deploy, else ~/.cache/sv-deploy."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sv-deploy"
+
+
+def cache_path(sha256: str, folder: Optional[Path] = None) -> Path:
+    torch_version = torch.__version__.split("+")[0]
+    return (folder or cache_dir()) / "onnx" / f"{sha256[:32]}-sv{__version__}-torch{torch_version}.onnx"
+
+
+def _matches(path: Path, sha256: str) -> Optional[onnx.ModelProto]:
+    try:
+        model = onnx.load(str(path))
+        meta = onnx_graph.read_metadata(model)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
+        return None
+    return model if meta.get("source_sha256") == sha256 else None
+
+
+def cached_export(config, stages, sha256: str, log: Callable[[str], None] = print) -> onnx.ModelProto:
+    """The model's fp32 ONNX export, from the cache when a matching entry exists."""
+    from .export import save_onnx, to_onnx
+
+    path = cache_path(sha256)
+    if path.is_file():
+        model = _matches(path, sha256)
+        if model is not None:
+            return model
+        log(f"cached export {path} does not match the model; exporting again")
+    log("exporting the model to ONNX once for ONNX Runtime (the faster CPU path)")
+    model = to_onnx(config, stages, sha256)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_onnx(model, path)
+        log(f"cached the export at {path} (set {ENV} to move it)")
+    except OSError as exc:
+        log(f"could not cache the export ({exc.strerror or exc}); it stays in memory for this run")
+    return model
