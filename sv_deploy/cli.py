@@ -202,6 +202,22 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     )
     digest = save_model(out, config, trained)
     click.echo(f"wrote {out} ({provenance.duration_s:.0f} s of training, sha256 {digest[:12]})", err=True)
+    _prepare_cpu_inference(config, trained, digest)
+
+
+def _prepare_cpu_inference(config, stages, digest) -> None:
+    """Fill the export cache now, so the first `infer` on a CPU does not pay the export (~5 s)."""
+    from .backends import auto_backend
+
+    if auto_backend("svmodel", "auto") != "onnxruntime":
+        return
+    from .onnx_cache import cached_export
+
+    try:
+        cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None)
+    except Exception as exc:  # noqa: BLE001 - the model file is written; the cache is only a speed-up
+        click.echo(f"warning: could not prepare the ONNX Runtime export ({type(exc).__name__}); "
+                   "'infer' will try again", err=True)
 
 
 @main.command()

@@ -59,6 +59,17 @@ def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     assert result.exit_code == 0, result.output
     info = run("info", model)
     assert '"input_sha256"' in info.output and '"stages"' in info.output
+    # on a CPU the export for ONNX Runtime is cached by train, so the first infer does not export
+    from sv_deploy.model_file import read_header
+    from sv_deploy.onnx_cache import cache_path
+
+    from sv_deploy.backends import auto_backend
+
+    if auto_backend("svmodel", "auto") != "onnxruntime":
+        return  # a CUDA machine keeps torch for a .svmodel and needs no export
+    assert cache_path(read_header(model)["sha256"]).is_file()
+    result = run("infer", model, lr_file, "-o", tmp_path / "o.ome.tif", "--no-ensemble", "-q")
+    assert result.exit_code == 0 and "onnxruntime" in result.stderr and "export" not in result.stderr
 
 
 def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
