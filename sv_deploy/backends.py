@@ -59,7 +59,7 @@ def model_kind(path: str) -> str:
 
 
 def auto_backend(kind: str, device: str) -> str:
-    """The measured-faster path: on a CPU, ONNX Runtime (1.6-1.8x torch on 2 cores, BENCH.md); on a
+    """The measured-faster path: on a CPU, ONNX Runtime (1.3-3.5x torch on 2 cores, BENCH.md); on a
     CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional extra)."""
     if kind == "onnx":
         return "onnxruntime"
