@@ -39,6 +39,12 @@ class TorchBackend:
         self.device = device
         self.stages: List[SVStage] = [s.to(device).eval() for s in stages]
 
+    def free_device_memory(self):
+        """Free bytes on the GPU the network runs on (sizes its passes); None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.mem_get_info(self.device)[0]
+
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)

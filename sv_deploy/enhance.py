@@ -15,7 +15,7 @@ from .backends import Backend
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .geometry import ensemble_transforms, forward, inverse
 from .resize import downsample, round_trip, upsample
-from .tiling import Tile, plan_tiles, slabs, to_slices, total_halo
+from .tiling import Tile, block_core, plan_tiles, slabs, to_slices, total_halo
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class InferenceOptions:
     ensemble: bool = True
     bp_iters: int = 10
     tile: Shape3 = (32, 96, 96)  # LR core per tile; the halo is added around it
+    block: int = 0  # most voxels one network pass reads (0: the whole stage input at once)
 
 
 def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int) -> np.ndarray:
@@ -57,6 +58,22 @@ def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) ->
     return total / len(transforms)
 
 
+def predict_blocks(backend: Backend, stage: int, x: np.ndarray, transforms, factors: Factors, halo: int,
+                   max_read: int) -> np.ndarray:
+    """`predict_ensemble` on sub-blocks of x, each read with the network's own halo and cropped to
+    its core: the same result, but the network runs on blocks of the size it is fastest at, while
+    the tile around them (and its back-projection halo) can be as large as memory allows."""
+    if max_read <= 0 or x.size <= max_read:
+        return predict_ensemble(backend, stage, x, transforms)
+    core = block_core(x.shape, halo, max_read)
+    out = np.empty(tuple(n * f for n, f in zip(x.shape, factors)), dtype=np.float32)
+    for part in plan_tiles(x.shape, core, (halo,) * 3, factors):
+        y = predict_ensemble(backend, stage, x[to_slices(part.read)], transforms)
+        keep = tuple(slice((c0 - r0) * f, (c1 - r0) * f) for (r0, _), (c0, c1), f in zip(part.read, part.core, factors))
+        out[to_slices(part.out)] = y[keep]
+    return out
+
+
 ValueRange = Optional[Tuple[float, float]]
 Margins = Tuple[Tuple[int, int], ...]
 
@@ -64,28 +81,29 @@ Margins = Tuple[Tuple[int, int], ...]
 def enhance_block(
     backend: Backend,
     stages: Sequence[Factors],
+    arch: ArchConfig,
     x: np.ndarray,
     options: InferenceOptions,
     value_range: ValueRange = None,
-    trim: Optional[Tuple[ArchConfig, Margins]] = None,
+    margins: Optional[Margins] = None,
 ) -> np.ndarray:
     """All stages on one normalized block, no tiling (the reference the tiled path must equal).
 
     Each stage's result is clamped to the input's representable range, as the final output is, so
-    a later stage never sees values the data type could not hold. With `trim` = (arch, margins), the
-    block is a tile read with those (low, high) LR margins around its core: between stages, the part
+    a later stage never sees values the data type could not hold. With `margins`, the block is a
+    tile read with those (low, high) LR margins around its core: between stages, the part
     of the margin later stages no longer need is cut away (a x4 tile's second stage then runs on
     little more than its core), and the result is cropped to the core.
     """
-    margins = [list(m) for m in trim[1]] if trim else None
+    margins = [list(m) for m in margins] if margins else None
     for i, factors in enumerate(stages):
         transforms = ensemble_transforms(factors, options.ensemble)
-        y = predict_ensemble(backend, i, x, transforms)
+        y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         x = back_project(y, x, factors, options.bp_iters)
         if value_range is not None:
             x = np.clip(x, *value_range)
         if margins is not None:
-            need = total_halo(stages[i + 1:], trim[0], options.bp_iters) if i + 1 < len(stages) else (0, 0, 0)
+            need = total_halo(stages[i + 1:], arch, options.bp_iters) if i + 1 < len(stages) else (0, 0, 0)
             cut = []
             for a in range(3):
                 lo, hi = (m * factors[a] for m in margins[a])
@@ -120,9 +138,7 @@ def iter_slabs(
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
                 margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-                block = enhance_block(
-                    backend, stages, volume[to_slices(tile.read)], options, value_range, (arch, margins)
-                )
+                block = enhance_block(backend, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
                 _fill(slab, tile, block)
                 bar.update(1)
             yield (z0, z1), slab

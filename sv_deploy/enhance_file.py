@@ -16,7 +16,7 @@ import numpy as np
 from .config import ModelConfig
 from .enhance import InferenceOptions, iter_slabs
 from .errors import UserError
-from .memory import choose_tile, default_budget
+from .memory import choose_block, choose_tile, default_budget
 from .normalize import denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
@@ -87,9 +87,13 @@ def enhance_file(
     read_s = time.perf_counter() - start
     shape = tuple(n * f for n, f in zip(x.shape, factors))
     budget = max_memory or default_budget()
+    if not options.block:
+        device_free = getattr(runner, "free_device_memory", lambda: None)()
+        options = replace(options, block=choose_block(budget, config.stages, config.arch, options.ensemble,
+                                                       device_free))
     if tile is None:
         tile = choose_tile(budget, x.shape, config.stages, config.arch, options.bp_iters, options.ensemble,
-                           dtype.itemsize, AUTO_TILE_LIMIT)
+                           dtype.itemsize, AUTO_TILE_LIMIT, options.block)
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "

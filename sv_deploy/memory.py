@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from math import prod
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .errors import UserError
-from .tiling import total_halo
+from .tiling import candidate_lengths, total_halo
 from .trt_plan import ensemble_batch
 
 SLABS_IN_FLIGHT = 3  # one being computed, one queued, one being written
@@ -30,27 +30,34 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int) -> int:
-    """Peak working bytes of one stage on a block of `voxels` input voxels.
+def network_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int) -> int:
+    """Working bytes of one network pass reading `voxels` input voxels: activations (two live
+    feature maps and a convolution workspace per member, fp32) and the members' sub-pixel outputs."""
+    return voxels * 4 * batch * (2 * arch.features + 64 + 3 * prod(factors))
 
-    Network activations (two live feature maps and a convolution workspace per member, fp32) plus
-    the sub-pixel phases, their shuffled copy, the ensemble sum and back-projection arrays.
-    Calibrated against peak RSS measured on CPU: x2 with the 8-way ensemble 1224 B per voxel
-    (this gives 2496), x2 without it about 1 KiB (this gives 1056).
+
+def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, block: int = 0) -> int:
+    """Peak working bytes of one stage on a block of `voxels` input voxels, its network run on
+    sub-blocks of at most `block` voxels (0: all at once).
+
+    The network pass plus, over the whole block, the ensemble sum and the back-projection arrays
+    (8 float32 arrays of the output's size). Calibrated against peak RSS on CPU (x2 stages, 8-way
+    ensemble, ONNX Runtime): a network pass about 1.56 KB per voxel it reads (this gives 1.92 KB),
+    the rest about 220 B per input voxel of the block (this gives 256).
     """
-    phases = prod(factors)
-    return voxels * (4 * batch * (2 * arch.features + 64) + 4 * phases * (18 + 3 * batch))
+    net = network_bytes(min(voxels, block) if block > 0 else voxels, factors, arch, batch)
+    return net + voxels * 4 * prod(factors) * 8
 
 
 def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, ensemble: bool,
-               volume: Shape3 = (1 << 30,) * 3) -> int:
+               volume: Shape3 = (1 << 30,) * 3, block: int = 0) -> int:
     """Peak over the chained stages for one tile: each stage runs on the core plus the halo the
     remaining stages need (`enhance_block` trims between stages)."""
     scale, peak = [1, 1, 1], 0
     for i, factors in enumerate(stages):
         halo = total_halo(stages[i:], arch, bp_iters)
         voxels = prod(min(core[a] * scale[a] + 2 * halo[a], volume[a] * scale[a]) for a in range(3))
-        peak = max(peak, stage_bytes(voxels, factors, arch, ensemble_batch(factors, ensemble)))
+        peak = max(peak, stage_bytes(voxels, factors, arch, ensemble_batch(factors, ensemble), block))
         scale = [scale[a] * factors[a] for a in range(3)]
     return peak
 
@@ -62,26 +69,16 @@ def slab_bytes(core_z: int, volume: Shape3, factors: Factors, out_itemsize: int)
 
 
 def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
-               ensemble: bool, out_itemsize: int) -> int:
+               ensemble: bool, out_itemsize: int, block: int = 0) -> int:
     factors = total_factors(stages)
     core = tuple(min(c, n) for c, n in zip(core, volume))
-    work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume)
+    work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume, block)
     slabs = SLABS_IN_FLIGHT * slab_bytes(core[0], volume, factors, out_itemsize)
     return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + slabs + work
 
 
-def _steps(limit: int, low: int) -> list:
-    """Candidate core lengths: the limit, then about 15% smaller each step, down to `low`."""
-    values, v = [], limit
-    while v > low:
-        values.append(v)
-        v = min(v - 1, int(v * 0.85))
-    values.append(min(low, limit))
-    return values
-
-
 def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
-                ensemble: bool, out_itemsize: int, start: Shape3) -> Shape3:
+                ensemble: bool, out_itemsize: int, start: Shape3, block: int = 0) -> Shape3:
     """The tile core, at most `start`, that fits `budget` and wastes the least work on halos.
 
     Efficiency is core voxels over computed voxels (core plus halo, clamped to the volume);
@@ -90,11 +87,11 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
     halo = total_halo(stages, arch, bp_iters)
     start = tuple(max(1, min(s, n)) for s, n in zip(start, volume))
     best, best_key = None, None
-    for z in _steps(start[0], MIN_CORE[0]):
-        for y in _steps(start[1], MIN_CORE[1]):
-            for x in _steps(start[2], MIN_CORE[2]):
+    for z in candidate_lengths(start[0], MIN_CORE[0]):
+        for y in candidate_lengths(start[1], MIN_CORE[1]):
+            for x in candidate_lengths(start[2], MIN_CORE[2]):
                 core = (z, y, x)
-                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize) > budget:
+                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize, block) > budget:
                     continue
                 read = prod(min(c + 2 * h, n) for c, h, n in zip(core, halo, volume))
                 key = (prod(core) / read, prod(core))
@@ -102,12 +99,25 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
                     best, best_key = core, key
     if best is None:
         smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
-        need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize)
+        need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block)
         raise UserError(
             f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
             f"{budget / 2**20:.0f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
         )
     return best
+
+
+HOST_BLOCK_VOXELS = 2_000_000  # ONNX Runtime CPU is fastest near this network pass size (BENCH.md)
+
+
+def choose_block(budget: int, stages: Sequence[Factors], arch: ArchConfig, ensemble: bool,
+                 device_free: Optional[int] = None) -> int:
+    """Most input voxels one network pass reads: on the host about the size it runs fastest at,
+    within half the budget; on a GPU (`device_free` bytes) as large as half its free memory allows."""
+    per_voxel = max(network_bytes(1, f, arch, ensemble_batch(f, ensemble)) for f in stages)
+    if device_free is not None:
+        return max(1, device_free // 2 // per_voxel)
+    return max(1, min(HOST_BLOCK_VOXELS, budget // 2 // per_voxel))
 
 
 def available_bytes() -> int:

@@ -6,8 +6,11 @@ Pure arithmetic, so tiled == whole-volume can be reasoned about and tested witho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import ceil
 from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
 
 from .config import ArchConfig, Factors, Shape3
 from .resize import bp_reach
@@ -75,6 +78,42 @@ def slabs(tiles: Sequence[Tile]) -> Iterator[List[Tile]]:
         group.append(t)
     if group:
         yield group
+
+
+def _computed(length: int, core: int, halo: int) -> int:
+    """Voxels one axis reads in all, over its spans with their halos."""
+    return sum(min(length, e + halo) - max(0, s - halo) for s, e in _axis_spans(length, core))
+
+
+def candidate_lengths(limit: int, low: int = 1) -> List[int]:
+    """Core lengths worth trying: the limit, then about 15% smaller each step, down to `low`."""
+    values, v = [], limit
+    while v > low:
+        values.append(v)
+        v = min(v - 1, int(v * 0.85))
+    values.append(min(low, limit))
+    return values
+
+
+@lru_cache(maxsize=256)
+def block_core(shape: Shape3, halo: int, max_read: int) -> Shape3:
+    """Core of the sub-blocks a network pass is split into: each read (core plus halo, clamped to
+    the block) holds at most `max_read` voxels, and the voxels computed over all sub-blocks are
+    fewest (ties: the larger core). Reads and totals are separable per axis, so every candidate
+    core is scored at once on a grid."""
+    cands = [np.array(candidate_lengths(n)) for n in shape]
+    read = [np.minimum(n, c + 2 * halo) for n, c in zip(shape, cands)]
+    total = [np.array([_computed(n, int(c), halo) for c in cs]) for n, cs in zip(shape, cands)]
+    r = read[0][:, None, None] * read[1][None, :, None] * read[2][None, None, :]
+    t = (total[0][:, None, None] * total[1][None, :, None] * total[2][None, None, :]).astype(np.float64)
+    c = cands[0][:, None, None] * cands[1][None, :, None] * cands[2][None, None, :]
+    t = np.where(r <= max_read, t, np.inf)
+    if not np.isfinite(t).any():
+        return (1, 1, 1)
+    # fewest computed voxels first, then the largest core
+    order = np.lexsort((-c.ravel(), t.ravel()))
+    i, j, k = np.unravel_index(order[0], t.shape)
+    return (int(cands[0][i]), int(cands[1][j]), int(cands[2][k]))
 
 
 def to_slices(spans: Sequence[Span]) -> Tuple[slice, ...]:

@@ -5,7 +5,7 @@ from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance import InferenceOptions, enhance_block, enhance_volume
 from sv_deploy.resize import bp_reach
-from sv_deploy.tiling import plan_tiles, slabs, total_halo
+from sv_deploy.tiling import block_core, plan_tiles, slabs, total_halo
 
 
 @pytest.mark.parametrize("shape,core,factors", [((10, 33, 40), (4, 16, 9), (2, 2, 2)), ((1, 20, 21), (1, 8, 8), (1, 3, 2))])
@@ -49,7 +49,38 @@ def test_tiled_equals_whole_volume_for_a_trained_model(trained_small, chained, b
     options = InferenceOptions(ensemble=True, bp_iters=bp_iters, tile=tile)
     scale = 2 ** chained
     assert len(plan_tiles(block.shape, tile, total_halo(factors, arch, bp_iters), (scale,) * 3)) >= 8
-    whole = enhance_block(backend, factors, block, options)
+    whole = enhance_block(backend, factors, arch, block, options)
     tiled = enhance_volume(backend, factors, arch, block, options)
     assert tiled.shape == whole.shape == tuple(scale * n for n in block.shape)
     assert np.abs(tiled - whole).max() <= 1e-5 * np.ptp(whole)
+
+
+@pytest.mark.parametrize("shape,halo,max_read", [((76, 234, 204), 8, 2_000_000), ((1, 300, 290), 8, 40_000),
+                                                  ((9, 40, 30), 3, 2_000)])
+def test_network_sub_blocks_fit_and_cover(shape, halo, max_read):
+    core = block_core(shape, halo, max_read)
+    parts = plan_tiles(shape, core, (halo,) * 3, (1, 1, 1))
+    cover = np.zeros(shape, np.int32)
+    for p in parts:
+        assert np.prod([r1 - r0 for r0, r1 in p.read]) <= max_read
+        cover[tuple(slice(*s) for s in p.core)] += 1
+    assert (cover == 1).all()
+    # no split when everything fits
+    assert block_core(shape, halo, int(np.prod(shape))) == shape
+
+
+@pytest.mark.parametrize("chained", [1, 2])
+def test_network_on_sub_blocks_equals_one_pass(trained_small, chained):
+    """The network run on sub-blocks with its own halo, stitched, equals one pass over the block."""
+    import copy
+
+    stage, _, x, _ = trained_small
+    backend = TorchBackend([stage] + [copy.deepcopy(stage) for _ in range(chained - 1)], stage.interp_weight.device)
+    arch, factors = ArchConfig(), [(2, 2, 2)] * chained
+    block = x[:8, :30, :28]
+    max_read = 5_000
+    core = block_core(block.shape, arch.halo(), max_read)
+    assert len(plan_tiles(block.shape, core, (arch.halo(),) * 3, (1, 1, 1))) >= 4
+    one = enhance_block(backend, factors, arch, block, InferenceOptions(bp_iters=2))
+    split = enhance_block(backend, factors, arch, block, InferenceOptions(bp_iters=2, block=max_read))
+    assert np.abs(split - one).max() <= 1e-5 * np.ptp(one)
