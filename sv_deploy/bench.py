@@ -172,7 +172,8 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
             out_voxels = int(np.prod(r.output_shape))
     stats = summarize(compute)
     return {"compute": stats, "file_to_file": summarize(total), "file_to_file_s": float(np.median(total)),
-            "voxels_per_s": out_voxels / stats["median"], "peak_rss_mib": rss.peak / 2**20}
+            "voxels_per_s": out_voxels / stats["median"], "peak_rss_mib": rss.peak / 2**20,
+            "tile": list(r.tile), "block_voxels": r.block}
 
 
 def time_training(quick: bool, log) -> List[dict]:

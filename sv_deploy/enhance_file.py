@@ -39,6 +39,7 @@ class FileResult:
     input_shape: Tuple[int, int, int]
     output_shape: Tuple[int, int, int]
     tile: Tuple[int, int, int]
+    block: int  # most voxels one network pass read
     read_s: float
     compute_s: float  # time the worker spent producing slabs (backend + ensemble + back-projection)
     total_s: float  # file to file: reading the input to the renamed output
@@ -97,7 +98,7 @@ def enhance_file(
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "
-        f"tile {'x'.join(map(str, tile))}"
+        f"tile {'x'.join(map(str, tile))}, network passes of up to {options.block:,} voxels"
     )
     value_range = valid_range(vol.dtype, low, high)
     voxel = scaled_voxel_size(vol.voxel_size, factors)
@@ -131,7 +132,7 @@ def enhance_file(
             tile = smaller
     return FileResult(
         input=str(input_path), output=str(output_path), input_shape=tuple(x.shape), output_shape=shape,
-        tile=tuple(tile), read_s=read_s, compute_s=compute[0], total_s=time.perf_counter() - start,
+        tile=tuple(tile), block=options.block, read_s=read_s, compute_s=compute[0], total_s=time.perf_counter() - start,
     )
 
 

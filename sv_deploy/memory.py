@@ -7,7 +7,7 @@ by the output" is a number the CLI can choose and a test can check.
 from __future__ import annotations
 
 import re
-from math import prod
+from math import ceil, prod
 from typing import Optional, Sequence
 
 from .config import ArchConfig, Factors, Shape3, total_factors
@@ -73,7 +73,8 @@ def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: Ar
     factors = total_factors(stages)
     core = tuple(min(c, n) for c, n in zip(core, volume))
     work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume, block)
-    slabs = SLABS_IN_FLIGHT * slab_bytes(core[0], volume, factors, out_itemsize)
+    in_flight = min(SLABS_IN_FLIGHT, ceil(volume[0] / core[0]))  # a tile as deep as the volume: one slab
+    slabs = in_flight * slab_bytes(core[0], volume, factors, out_itemsize)
     return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + slabs + work
 
 

@@ -21,6 +21,7 @@ from .resize import downsample
 MIN_LR_PATCH_YX = 8
 HOLDOUT_FRACTION = 0.2  # share of the longer lateral axis kept out of training for validation
 DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not learn
+SMALL_INPUT_VOXELS = 300_000  # the paper's Fig. 8: quality saturates from about 0.3 M LR voxels
 
 
 def _min_patch(factors: Factors) -> Shape3:
@@ -173,6 +174,12 @@ def train_stages(
     """Train the chain: each later stage learns on the previous stage's float output (no truncation)."""
     trained, reports = [], []
     x = volume
+    if volume.size < SMALL_INPUT_VOXELS:
+        log(
+            f"warning: the input has {volume.size:,} voxels; Self-Vision learns from the input alone and the "
+            f"paper (Fig. 8) found it overfits below about {SMALL_INPUT_VOXELS:,}: the network may add little "
+            "over interpolation + back-projection. A larger field of view or more z slices usually helps."
+        )
     for i, factors in enumerate(stages):
         label = f"stage {i + 1}/{len(stages)} x{'x'.join(map(str, factors))}"
         stage, report = train_stage(x, factors, arch, cfg, device, progress, label)

@@ -57,6 +57,7 @@ def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     model = tmp_path / "m.svmodel"
     result = run("train", lr_file, "-o", model, "--steps", "3", "--batch", "2", "--patch", "8,32,32", "-q")
     assert result.exit_code == 0, result.output
+    assert "overfits below about 300,000" in result.stderr  # the crop is small: the user is told
     info = run("info", model)
     assert '"input_sha256"' in info.output and '"stages"' in info.output
     # on a CPU the export for ONNX Runtime is cached by train, so the first infer does not export
