@@ -123,13 +123,15 @@ def enhance_file(
             if not is_out_of_memory(exc):
                 raise
             smaller = tuple(max(m, t // 2) for t, m in zip(tile, (1, 8, 8)))
-            if smaller == tile:
+            block = max(1, options.block // 2)
+            if smaller == tile and block == options.block:
                 raise UserError(
                     f"out of memory even with tile {'x'.join(map(str, tile))}; use --no-ensemble or fewer "
                     "--bp-iters, or free memory"
                 ) from None
-            log(f"out of memory with tile {'x'.join(map(str, tile))}; retrying with {'x'.join(map(str, smaller))}")
-            tile = smaller
+            log(f"out of memory with tile {'x'.join(map(str, tile))}; retrying with {'x'.join(map(str, smaller))} "
+                f"and network passes of up to {block:,} voxels")
+            tile, options = smaller, replace(options, block=block)
     return FileResult(
         input=str(input_path), output=str(output_path), input_shape=tuple(x.shape), output_shape=shape,
         tile=tuple(tile), block=options.block, read_s=read_s, compute_s=compute[0], total_s=time.perf_counter() - start,

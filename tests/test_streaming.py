@@ -210,3 +210,38 @@ def test_output_larger_than_the_memory_limit_streams_under_it(tmp_path):
     assert read_volume(tmp_path / "o.ome.tif").data.shape == (512, 128, 256)
     grew = peaks["run"] - peaks["baseline"]
     assert grew < limit, f"peak RSS grew by {grew / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB"
+
+
+class RefusesLargePasses:
+    """A backend whose allocator fails above a size, as a device short of memory does."""
+
+    def __init__(self, inner, max_voxels):
+        self.inner, self.max_voxels, self.name = inner, max_voxels, inner.name
+        self.largest = 0
+
+    def predict(self, stage, x):
+        if x.size > self.max_voxels:
+            raise RuntimeError(f"Failed to allocate memory for a pass of {x.size} voxels")
+        self.largest = max(self.largest, x.size)
+        return self.inner.predict(stage, x)
+
+
+def test_out_of_memory_retries_with_smaller_passes_and_gives_the_same_output(model_file, tmp_path):
+    from sv_deploy.backends import open_backend
+    from sv_deploy.enhance import InferenceOptions
+    from sv_deploy.enhance_file import enhance_file
+
+    data = structured((12, 48, 48), seed=5)
+    src = tmp_path / "in.tif"
+    write_volume(src, [data], data.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    config, runner = open_backend(str(model_file), "torch", "cpu", log=lambda m: None)
+    options = InferenceOptions(ensemble=False, bp_iters=1, block=100_000)
+    kw = dict(out_dtype="float32", tile=(12, 48, 48), progress=False)
+    enhance_file(runner, config, src, tmp_path / "ref.ome.tif", options, log=lambda m: None, **kw)
+    logs = []
+    limited = RefusesLargePasses(runner, 6_000)
+    result = enhance_file(limited, config, src, tmp_path / "out.ome.tif", options, log=logs.append, **kw)
+    assert any("out of memory" in m and "retrying" in m for m in logs)
+    assert 0 < limited.largest <= 6_000 and result.block < 100_000
+    ref, out = read_volume(tmp_path / "ref.ome.tif").data, read_volume(tmp_path / "out.ome.tif").data
+    assert np.abs(out - ref).max() <= 1e-5 * np.ptp(ref)
