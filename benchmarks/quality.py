@@ -77,6 +77,7 @@ def main():
     p.add_argument("--tag", default="cpu")
     p.add_argument("--only", nargs="*", help="run only these case names")
     p.add_argument("--recipe", default="fast", choices=["fast", "paper"])
+    p.add_argument("--train-args", default="", help='extra `sv-deploy train` options, e.g. "--mid-layers 2"')
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     real = args.data / "real"
@@ -90,7 +91,7 @@ def main():
         ("3d_02_flybrain_x4", lambda: make_pair(real / "3d_02_flybrain_confocal.tif", args.work, "3d_02x4", 4, crop=(56, 256, 256)), 4),
     ]
     results = []
-    extra = ("--recipe", args.recipe)
+    extra = ("--recipe", args.recipe, *args.train_args.split())
     with open(args.work / f"log_{args.tag}.txt", "w") as log:
         for name, pair, scale in cases:
             if args.only and name not in args.only:

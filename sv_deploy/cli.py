@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .config import ArchConfig
 from .errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -127,7 +128,7 @@ def _one_blas_thread() -> None:
 @click.option("--patch", callback=_triple(int), help="Patch size z,y,x at each stage's input resolution.")
 @click.option("--lr", "learning_rate", type=float, help="Adam learning rate (cosine-decayed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; CPU runs with the same seed repeat exactly.")
-@click.option("--mid-layers", type=int, default=4, show_default=True, help="Grouped conv layers per stage (m).")
+@click.option("--mid-layers", type=int, default=ArchConfig.mid_layers, show_default=True, help="Grouped conv layers per stage (m).")
 @click.option("--groups", type=int, default=1, show_default=True, help="Groups of the mid conv layers (1, 2, 3 or 6).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
@@ -148,7 +149,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
     import torch
 
-    from .config import ArchConfig, ModelConfig, NormConfig, Provenance, TrainConfig
+    from .config import ModelConfig, NormConfig, Provenance, TrainConfig
     from .factors import parse_scale, split_stages
     from .model_file import save_model
     from .normalize import normalize, percentiles, valid_range

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SV_DEPLOY_TEST_DATA", REPO.parent / "shared" / "data"))
 
 # Small but real: enough to train in seconds on 2 cores.
-SMALL_TRAIN = TrainConfig(steps=150, batch=8, patch=(8, 32, 32), lr=2e-3, val_every=25, val_patches=16)
+SMALL_TRAIN = TrainConfig(steps=300, batch=8, patch=(8, 32, 32), lr=2e-3, val_every=25, val_patches=16)
 
 
 @pytest.fixture(autouse=True, scope="session")
