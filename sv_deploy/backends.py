@@ -10,6 +10,7 @@ from typing import List, Protocol, Sequence
 import numpy as np
 import torch
 
+from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
 from .model import SVStage
 
@@ -38,6 +39,10 @@ class TorchBackend:
         self.name = f"torch ({device.type})"
         self.device = device
         self.stages: List[SVStage] = [s.to(device).eval() for s in stages]
+        self.transfers = None  # TransferTimes on CUDA: host->device, compute, device->host
+        if device.type == "cuda":
+            self.transfers, self._staging = TransferTimes(), PinnedStaging()
+            self._stream = torch.cuda.Stream(device)
 
     def free_device_memory(self):
         """Free bytes on the GPU the network runs on (sizes its passes); None on the CPU."""
@@ -47,6 +52,8 @@ class TorchBackend:
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
+            if self.transfers is not None:
+                return run_on_gpu(x, self.stages[stage], self.device, self._stream, self._staging, self.transfers)
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             return self.stages[stage](t).float().cpu().numpy()
 
@@ -65,7 +72,7 @@ def model_kind(path: str) -> str:
 
 
 def auto_backend(kind: str, device: str) -> str:
-    """The measured-faster path: on a CPU, ONNX Runtime (1.3-3.5x torch on 2 cores, BENCH.md); on a
+    """The measured-faster path: on a CPU, ONNX Runtime (1.2-2.6x torch on 2 cores, BENCH.md); on a
     CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional extra)."""
     if kind == "onnx":
         return "onnxruntime"

@@ -68,25 +68,44 @@ def fresh_model(stages, seed: int = 0, axes: str = "ZYX"):
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+    """Peak resident memory of this process while the block runs (sampled every 5 ms); with
+    `gpu`, also the peak of the GPU's used memory above what was used at the start (all processes:
+    ONNX Runtime and TensorRT allocate outside torch)."""
+
+    def __init__(self, gpu: bool = False):
+        self.gpu = gpu
+        self.device_peak = None
 
     def __enter__(self):
         import psutil
 
         self._proc = psutil.Process()
         self.peak = self._proc.memory_info().rss
+        self._base = self._device_used() if self.gpu else None
+        self.device_peak = 0 if self.gpu else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    @staticmethod
+    def _device_used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _sample(self):
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        if self.gpu:
+            self.device_peak = max(self.device_peak, self._device_used() - self._base)
+
     def _run(self):
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._sample()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
@@ -160,19 +179,30 @@ def _tensorrt(graph, workdir: Path, log) -> List[dict]:
 
 def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: InferenceOptions, runs: int,
               min_seconds: float) -> dict:
-    """Warm-up once, then at least `runs` runs and `min_seconds` of them; file-to-file and compute."""
+    """Warm-up once, then at least `runs` runs and `min_seconds` of them; file-to-file and compute.
+
+    A CUDA backend's `transfers` (host->device, device->host, measured with CUDA events) are
+    summed per run; backends without them report None."""
     kw = dict(out_dtype="input", progress=False, log=lambda m: None)
     enhance_file(runner, config, warmup, dst, options, **kw)  # warm-up: first-call set-up on a small crop
-    compute, total = [], []
-    with PeakRSS() as rss:
+    transfers = getattr(runner, "transfers", None)
+    compute, total, h2d, d2h = [], [], [], []
+    with PeakRSS(gpu=torch.cuda.is_available()) as rss:
         while len(total) < runs or sum(total) < min_seconds:
+            if transfers is not None:
+                transfers.reset()
             r = enhance_file(runner, config, src, dst, options, **kw)
             compute.append(r.compute_s)
             total.append(r.total_s)
+            if transfers is not None:
+                h2d.append(transfers.host_to_device_s)
+                d2h.append(transfers.device_to_host_s)
             out_voxels = int(np.prod(r.output_shape))
     stats = summarize(compute)
     return {"compute": stats, "file_to_file": summarize(total), "file_to_file_s": float(np.median(total)),
+            "host_to_device": summarize(h2d) if h2d else None, "device_to_host": summarize(d2h) if d2h else None,
             "voxels_per_s": out_voxels / stats["median"], "peak_rss_mib": rss.peak / 2**20,
+            "peak_device_mib": None if rss.device_peak is None else rss.device_peak / 2**20,
             "tile": list(r.tile), "block_voxels": r.block}
 
 
@@ -287,6 +317,10 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     report["not_measured"] += [f"{f['task']} {f['mode']} on {f['backend']}: failed ({f['error']})" for f in report["failed"]]
     if not torch.cuda.is_available():
         report["not_measured"].append("host->device / device->host times and peak device memory (no GPU)")
+    hidden = sorted({r["backend"] for r in report["inference"] if "cuda" in r["backend"] and not r["host_to_device"]})
+    if hidden:
+        report["not_measured"].append(f"host->device / device->host of {', '.join(hidden)} "
+                                      "(the copies happen inside ONNX Runtime's run)")
     report["seconds"] = time.perf_counter() - started
     write_report(report, outdir)
     for line in table(report):

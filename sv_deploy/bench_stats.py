@@ -66,6 +66,15 @@ def markdown(report: dict) -> str:
             f"{r['file_to_file_s']:.3f} | {r['voxels_per_s']:.3g} | {r['peak_rss_mib']:.0f} | "
             f"{_fmt(r.get('paper_s'))} | {_fmt(r.get('speedup'), 'x')} |"
         )
+    gpu_rows = [r for r in report["inference"] if r.get("host_to_device") or r.get("peak_device_mib") is not None]
+    if gpu_rows:
+        lines += ["", "## GPU transfers and memory (per file, median)", "",
+                  "| task | mode | backend | host->device s | device->host s | peak device MiB |", "|---|---|---|---|---|---|"]
+        for r in gpu_rows:
+            h2d, d2h = r.get("host_to_device"), r.get("device_to_host")
+            seconds = [f"{t['median']:.4f}" if t else "" for t in (h2d, d2h)]
+            lines.append(f"| {r['task']} | {r['mode']} | {r['backend']} | {seconds[0]} | {seconds[1]} | "
+                         f"{_fmt(r.get('peak_device_mib'))} |")
     if report.get("training"):
         lines += ["", "## Training", "", "| recipe | steps x stages | seconds | paper s | speedup |", "|---|---|---|---|---|"]
         for t in report["training"]:

@@ -40,5 +40,10 @@ def test_quick_bench_writes_its_reports(tmp_path):
     for r in report["inference"]:
         assert 0 < r["compute"]["median"] <= r["file_to_file_s"] * 1.5
         assert r["voxels_per_s"] > 0 and r["peak_rss_mib"] > 0
+        if r["backend"].endswith("(cpu)"):  # transfers and device memory exist only on a GPU
+            assert r["host_to_device"] is r["device_to_host"] is None
+        if r["backend"] == "torch eager (cuda)":
+            assert r["host_to_device"]["median"] > 0 and r["device_to_host"]["median"] > 0
+            assert r["peak_device_mib"] > 0
     assert report["training"][0]["seconds"] > 0
     assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
