@@ -206,6 +206,33 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
             "tile": list(r.tile), "block_voxels": r.block}
 
 
+# Repeated inference as on an instrument PC: files per series and the recipe (the 3D full recipe
+# takes minutes per file on a CPU; its per-file time is the single-file row above).
+SERIES = {"2d": (8, "full"), "3d": (3, "fast")}
+SERIES_BACKENDS = {"torch eager": "torch", "onnxruntime": "onnxruntime"}
+
+
+def time_series(model_path: Path, backend: str, files: Sequence[Path], outdir: Path, options: InferenceOptions) -> dict:
+    """Load the model file once, then enhance the files one after another, as `infer a.tif b.tif ...`
+    does: time to first output (model load, backend set-up, ONNX export on its first use, first
+    file) and the per-file time of the rest."""
+    from .backends import open_backend
+
+    quiet = dict(out_dtype="input", progress=False, log=lambda m: None)
+    start = time.perf_counter()
+    config, runner = open_backend(str(model_path), backend, "auto", log=lambda m: None)
+    load_s = time.perf_counter() - start
+    first_s, per_file = None, []
+    for i, path in enumerate(files):
+        r = enhance_file(runner, config, path, outdir / f"series_{i}.ome.tif", options, **quiet)
+        if first_s is None:
+            first_s = time.perf_counter() - start
+        else:
+            per_file.append(r.total_s)
+    return {"backend": runner.name, "files": len(files), "load_s": load_s, "first_output_s": first_s,
+            "per_file": summarize(per_file) if per_file else None}
+
+
 def time_training(quick: bool, log) -> List[dict]:
     from .train import train_stages
 
@@ -267,12 +294,13 @@ def provenance(command: str) -> dict:
 
 def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: int = 3, min_seconds: float = 0.0,
               only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print,
-              select: Sequence[str] = ()) -> dict:
+              select: Sequence[str] = (), single: bool = True) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {
         **provenance(command), "version": __version__, "quick": quick, "paper": PAPER,
-        "backends": [], "inference": [], "training": [], "ratios": {}, "failed": [], "not_measured": [],
+        "backends": [], "inference": [], "series": [], "training": [], "ratios": {}, "failed": [],
+        "not_measured": [],
     }
     with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
         work = Path(tmp)
@@ -288,7 +316,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
             crop = data[:4, :64, :64]
             warmup = work / f"{task.name}_warmup.tif"
             write_volume(warmup, [crop], crop.shape, crop.dtype, "ZYX", (0.4, 0.1, 0.1))
-            for mode, options in MODES.items():
+            for mode, options in MODES.items() if single else ():
                 for b in (b for b in found if b["available"]):
                     if only and not any(o in b["name"] for o in only):
                         continue
@@ -305,6 +333,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                                paper_s=task.paper_s, speedup=speedup(task.paper_s, row["file_to_file_s"]))
                     report["inference"].append(row)
                     log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
+            report["series"] += _series(task, config, stages, data, work, quick, only, report["failed"], log)
         if training:
             report["training"] = time_training(quick, log)
     for r in report["inference"]:
@@ -326,6 +355,48 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     for line in table(report):
         log(line)
     return report
+
+
+def _series(task: Task, config, stages, data: np.ndarray, work: Path, quick: bool, only: Sequence[str],
+            failed: List[dict], log) -> List[dict]:
+    """The repeated-inference rows of one task, for each CPU/GPU backend a .svmodel runs on."""
+    from .model_file import save_model
+    from .onnx_cache import ENV
+
+    count, mode = SERIES[task.name]
+    count = 2 if quick else count
+    model = work / f"{task.name}.svmodel"
+    save_model(model, config, stages)
+    files = []
+    for i in range(count):
+        files.append(work / f"{task.name}_series_{i}.tif")
+        write_volume(files[-1], [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
+    rows = []
+    for name, backend in SERIES_BACKENDS.items():
+        if only and not any(o in name for o in only):
+            continue
+        log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}, {count} files, model loaded once: {name} ...")
+        cache = work / f"cache-{task.name}-{backend}"  # a cold export cache: the first use of a new model
+        previous = os.environ.get(ENV)
+        os.environ[ENV] = str(cache)
+        try:
+            row = time_series(model, backend, files, work, MODES[mode])
+        except Exception as exc:  # noqa: BLE001 - reported like a failed row
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+            failed.append({"task": task.name, "mode": f"{mode} series", "backend": name, "error": reason})
+            log(f"  failed: {reason}")
+            continue
+        finally:
+            if previous is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = previous
+        row.update(task=task.name, mode=mode, input_shape=list(task.shape))
+        rows.append(row)
+        per = row["per_file"]
+        log(f"  first output after {row['first_output_s']:.2f} s, then {per['median']:.3f} s per file" if per
+            else f"  first output after {row['first_output_s']:.2f} s")
+    return rows
 
 
 def write_report(report: dict, outdir: Path) -> None:
@@ -359,7 +430,10 @@ def chart(report: dict, path: Path) -> None:
     ax.set_ylabel("file to file, seconds (median)")
     ax.set_yscale("log")
     ax.set_title(f"sv-deploy bench on {report['machine']['gpu'] or report['machine']['cpu']}")
-    ax.legend(fontsize=8)
+    if names:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no single-file rows in this run (see bench.md)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

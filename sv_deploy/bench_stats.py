@@ -66,6 +66,15 @@ def markdown(report: dict) -> str:
             f"{r['file_to_file_s']:.3f} | {r['voxels_per_s']:.3g} | {r['peak_rss_mib']:.0f} | "
             f"{_fmt(r.get('paper_s'))} | {_fmt(r.get('speedup'), 'x')} |"
         )
+    if report.get("series"):
+        lines += ["", "## Repeated inference (model file loaded once, files enhanced one after another)", "",
+                  "| task | mode | backend | files | model load s | time to first output s | per file s, median (min / max) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["series"]:
+            per = r["per_file"]
+            each = f"{per['median']:.3f} ({per['min']:.3f} / {per['max']:.3f})" if per else ""
+            lines.append(f"| {r['task']} | {r['mode']} | {r['backend']} | {r['files']} | {r['load_s']:.2f} | "
+                         f"{r['first_output_s']:.2f} | {each} |")
     gpu_rows = [r for r in report["inference"] if r.get("host_to_device") or r.get("peak_device_mib") is not None]
     if gpu_rows:
         lines += ["", "## GPU transfers and memory (per file, median)", "",
@@ -99,6 +108,10 @@ def table(report: dict) -> List[str]:
             f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} {r['compute']['median']:>9.3f} "
             f"{r['file_to_file_s']:>8.3f} {_fmt(r.get('paper_s')):>8} {_fmt(r.get('speedup'), 'x'):>8}"
         )
+    for r in report.get("series", []):
+        per = r["per_file"]
+        rows.append(f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} first output {r['first_output_s']:.2f} s"
+                    + (f", then {per['median']:.3f} s per file ({r['files']} files)" if per else ""))
     for t in report.get("training", []):
         rows.append(f"train    {t['recipe']:<5} {'':<22} {t['seconds']:>9.1f} {'':>8} "
                     f"{_fmt(t.get('paper_s')):>8} {_fmt(t.get('speedup'), 'x'):>8}")

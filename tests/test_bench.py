@@ -46,4 +46,17 @@ def test_quick_bench_writes_its_reports(tmp_path):
             assert r["host_to_device"]["median"] > 0 and r["device_to_host"]["median"] > 0
             assert r["peak_device_mib"] > 0
     assert report["training"][0]["seconds"] > 0
+    series = {(r["task"], r["backend"].split(" ")[0]): r for r in report["series"]}
+    assert set(series) == {(t, b) for t in ("2d", "3d") for b in ("torch", "onnxruntime")}
+    for r in series.values():
+        assert r["files"] == 2 and 0 < r["load_s"] < r["first_output_s"] and r["per_file"]["median"] > 0
+    assert "## Repeated inference" in (out / "bench.md").read_text()
     assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
+
+
+def test_bench_repeated_only(tmp_path):
+    result = run("bench", tmp_path / "b", "--quick", "--repeated-only", "--task", "2d", "--backend", "onnxruntime", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["inference"] == [] and report["training"] == []
+    assert [r["backend"] for r in report["series"]] == ["onnxruntime (cpu, fp32)"]
