@@ -103,6 +103,7 @@ def _fmt(value, suffix="") -> str:
 
 def table(report: dict) -> List[str]:
     rows = [f"{'task':<8} {'mode':<5} {'backend':<22} {'median s':>9} {'file s':>8} {'paper s':>8} {'speedup':>8}"]
+    rows = rows if report["inference"] or report.get("training") else []
     for r in report["inference"]:
         rows.append(
             f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} {r['compute']['median']:>9.3f} "
