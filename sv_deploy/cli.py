@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .config import ArchConfig
+from .config import ArchConfig, TrainConfig
 from .errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -128,6 +128,8 @@ def _one_blas_thread() -> None:
 @click.option("--patch", callback=_triple(int), help="Patch size z,y,x at each stage's input resolution.")
 @click.option("--lr", "learning_rate", type=float, help="Adam learning rate (cosine-decayed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; CPU runs with the same seed repeat exactly.")
+@click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=TrainConfig.ema, show_default=True,
+              help="Decay of the running weight average that is validated and saved (0: the raw weights).")
 @click.option("--mid-layers", type=int, default=ArchConfig.mid_layers, show_default=True, help="Grouped conv layers per stage (m).")
 @click.option("--groups", type=int, default=1, show_default=True, help="Groups of the mid conv layers (1, 2, 3 or 6).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -135,7 +137,7 @@ def _one_blas_thread() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @with_input_options
 @friendly
-def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate, seed, mid_layers, groups,
+def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate, seed, ema, mid_layers, groups,
           device, overwrite, quiet, axes, channel, time_index, voxel_size):
     """Train a Self-Vision model on INPUT itself (no ground truth needed).
 
@@ -149,7 +151,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
     import torch
 
-    from .config import ModelConfig, NormConfig, Provenance, TrainConfig
+    from .config import ModelConfig, NormConfig, Provenance
     from .factors import parse_scale, split_stages
     from .model_file import save_model
     from .normalize import normalize, percentiles, valid_range
@@ -167,7 +169,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     overrides = {k: v for k, v in dict(steps=steps, batch=batch, patch=patch, lr=learning_rate).items() if v is not None}
     if any(v <= 0 for v in overrides.values() if not isinstance(v, tuple)):
         raise UserError("--steps, --batch and --lr must be positive")
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, ema=ema, **overrides)
     if vol.axes == "YX":
         cfg = dataclasses.replace(cfg, patch=(1, cfg.patch[1], cfg.patch[2]))
     arch = ArchConfig(mid_layers=mid_layers, groups=groups)

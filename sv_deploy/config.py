@@ -53,6 +53,9 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 25
     val_patches: int = 32
+    # Validate and keep a running average of the weights (decay per step; 0: the raw weights). On
+    # small inputs single steps' weights vary most from seed to seed (QUALITY.md, session 6).
+    ema: float = 0.99
 
     @classmethod
     def paper(cls, seed: int = 0) -> "TrainConfig":

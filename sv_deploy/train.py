@@ -110,6 +110,7 @@ def train_stage(
     val_lr, val_hr = (t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))
 
     stage = SVStage(factors, arch).to(device)
+    averaged = copy.deepcopy(stage) if cfg.ema else stage  # what is validated and kept
     opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.01)
     interp_loss = _mse(stage, val_lr, val_hr, cfg.batch, stage.interpolate)
@@ -123,17 +124,21 @@ def train_stage(
         loss.backward()
         opt.step()
         sched.step()
+        if cfg.ema:
+            _average_into(averaged, stage, 0.0 if step == 1 else cfg.ema)
         train_loss = float(loss.detach())
         if not math.isfinite(train_loss):
             raise UserError(f"{label}: training diverged (loss {train_loss}); try a lower --lr")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val = _mse(stage, val_lr, val_hr, cfg.batch)
+            val = _mse(averaged, val_lr, val_hr, cfg.batch)
             if val < best_loss:
-                best_loss, best_step, best_state = val, step, copy.deepcopy(stage.state_dict())
+                best_loss, best_step, best_state = val, step, copy.deepcopy(averaged.state_dict())
             bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
     bar.close()
     stage.load_state_dict(best_state)
-    if best_step == 0:  # never beat interpolation on held-out patches: be exactly interpolation
+    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
+        # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
+        # small was found to lose more often than win one scale up, QUALITY.md)
         with torch.no_grad():
             stage.expand.weight.zero_()
             stage.expand.bias.zero_()
@@ -150,6 +155,16 @@ def train_stage(
         seconds=time.perf_counter() - start,
     )
     return stage, report
+
+
+def _average_into(averaged: SVStage, stage: SVStage, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * stage, parameter by parameter (decay 0: copy)."""
+    with torch.no_grad():
+        for a, p in zip(averaged.parameters(), stage.parameters()):
+            if decay == 0.0:
+                a.copy_(p)
+            else:
+                a.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def _db(reference: float, loss: float) -> float:

@@ -7,9 +7,10 @@ from sv_deploy.config import ArchConfig, TrainConfig
 from sv_deploy.enhance import InferenceOptions, back_project, enhance_volume
 from sv_deploy.errors import UserError
 from sv_deploy.metrics import score
+from sv_deploy.model import SVStage
 from sv_deploy.normalize import normalize
 from sv_deploy.resize import upsample
-from sv_deploy.train import fit_patch, holdout_split, is_dead, sample_patches, train_stage
+from sv_deploy.train import _average_into, fit_patch, holdout_split, is_dead, sample_patches, train_stage
 
 
 def test_short_real_training_lowers_the_loss_and_beats_tricubic(trained_small, flybrain_pair):
@@ -60,3 +61,25 @@ def test_validation_strip_is_disjoint_from_training_and_skipped_when_too_small()
     assert train[2] == val[2] == slice(None)
     whole = (slice(None),) * 3
     assert holdout_split((20, 24, 24), (16, 48, 48), (2, 2, 2)) == (whole, whole)
+
+
+def test_a_stage_that_learns_nothing_is_exactly_interpolation(flybrain_pair):
+    _, lr = flybrain_pair
+    x = normalize(lr, float(lr.min()), float(lr.max()))
+    cfg = TrainConfig(steps=2, batch=2, patch=(8, 32, 32), lr=1e-9, val_every=1, val_patches=4)
+    stage, report = train_stage(x, (2, 2, 2), ArchConfig(), cfg, torch.device("cpu"), progress=False)
+    assert is_dead(report) and report.gain_db == 0.0 and report.best_val_loss == report.interp_val_loss
+    block = torch.from_numpy(x[None, None, :6, :20, :20].copy())
+    with torch.no_grad():
+        assert torch.equal(stage(block), stage.interpolate(block))
+
+
+def test_weight_average_update():
+    torch.manual_seed(0)
+    a, b = (SVStage((1, 2, 2), ArchConfig()) for _ in range(2))
+    before = [p.detach().clone() for p in a.parameters()]
+    _average_into(a, b, 0.9)
+    for x, old, new in zip(a.parameters(), before, b.parameters()):
+        assert torch.allclose(x, 0.9 * old + 0.1 * new, atol=1e-7)
+    _average_into(a, b, 0.0)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
