@@ -1,8 +1,8 @@
 """Host <-> GPU transfers for the CUDA backends: pinned staging buffers, one stream, timed copies.
 
-Copies from page-locked (pinned) host memory run as DMA, about twice as fast as from pageable memory,
-and may be asynchronous; the buffers grow to the largest pass seen and are reused, because pinning
-is slow. CUDA events on the stream time host->device, compute and device->host separately, which
+Copies from page-locked (pinned) host memory go straight to the GPU by DMA, without the driver's own
+staging copy, and can be asynchronous; the buffers grow to the largest pass seen and are reused,
+because pinning memory is itself slow. (Not yet measured here: no GPU was lent so far.) CUDA events on the stream time host->device, compute and device->host separately, which
 `sv-deploy bench` reports per file.
 """
 
