@@ -92,11 +92,11 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
         for y in candidate_lengths(start[1], MIN_CORE[1]):
             for x in candidate_lengths(start[2], MIN_CORE[2]):
                 core = (z, y, x)
-                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize, block) > budget:
-                    continue
                 read = prod(min(c + 2 * h, n) for c, h, n in zip(core, halo, volume))
                 key = (prod(core) / read, prod(core))
-                if best_key is None or key > best_key:
+                if best_key is not None and key <= best_key:
+                    continue  # cannot win: skip the (slower) memory estimate
+                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize, block) <= budget:
                     best, best_key = core, key
     if best is None:
         smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
