@@ -91,21 +91,23 @@ class SVStage(nn.Module):
 
 
 def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """The same Conv3d on a depth-1 input (2D images) without computing on padding planes.
+    """The same Conv3d on a depth-1 input (2D images), run as a 2D convolution.
 
     Replicate padding of one plane repeats it, so the kernel's z taps can be summed first; zero
-    padding leaves only the centre tap. Same result, 5x fewer multiply-adds for the k5 layer.
+    padding leaves only the centre tap. Same result, 5x fewer multiply-adds for the k5 layer, and
+    2D convolution kernels (several times faster than depth-1 3D ones, BENCH.md session 7).
     """
-    kz, ky, kx = conv.kernel_size
+    kz = conv.kernel_size[0]
     _, py, px = conv.padding
+    plane = x.squeeze(2)
     if conv.padding_mode == "replicate":
-        weight = conv.weight.sum(dim=2, keepdim=True)
-        x = F.pad(x, (px, px, py, py, 0, 0), mode="replicate")
-        padding = (0, 0, 0)
+        weight = conv.weight.sum(dim=2)
+        plane = F.pad(plane, (px, px, py, py), mode="replicate")
+        padding = (0, 0)
     else:
-        weight = conv.weight[:, :, kz // 2: kz // 2 + 1]
-        padding = (0, py, px)
-    return F.conv3d(x, weight, conv.bias, padding=padding, groups=conv.groups)
+        weight = conv.weight[:, :, kz // 2]
+        padding = (py, px)
+    return F.conv2d(plane, weight, conv.bias, padding=padding, groups=conv.groups).unsqueeze(2)
 
 
 def count_parameters(module: nn.Module) -> int:
