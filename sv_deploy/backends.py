@@ -20,7 +20,9 @@ class Backend(Protocol):
     name: str
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
-        """(N, 1, D, H, W) float32, normalized -> (N, 1, D*rz, H*ry, W*rx) float32."""
+        """(N, 1, D, H, W) float32, normalized -> (N, 1, D*rz, H*ry, W*rx) float32.
+
+        The result is a new array the caller may change in place (never a reused buffer)."""
         ...
 
 

@@ -40,7 +40,9 @@ def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: i
     for _ in range(iters - 1):
         e = e - round_trip(e, factors)
         total += e
-    return y + upsample(total, factors)
+    correction = upsample(total, factors)
+    correction += y  # in place: a full-size array less to allocate (the output is 8-64x the input)
+    return correction
 
 
 def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) -> np.ndarray:
@@ -54,8 +56,13 @@ def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) ->
         out = backend.predict(stage, batch)[:, 0]
         for t, y in zip(group, out):
             y = inverse(y, t)
-            total = y.copy() if total is None else total + y
-    return total / len(transforms)
+            if total is None:
+                total = np.ascontiguousarray(y, dtype=np.float32)  # ours to change (Backend.predict)
+            else:
+                total += y
+    if len(transforms) > 1:
+        total /= len(transforms)
+    return total
 
 
 def predict_blocks(backend: Backend, stage: int, x: np.ndarray, transforms, factors: Factors, halo: int,
@@ -101,7 +108,7 @@ def enhance_block(
         y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         x = back_project(y, x, factors, options.bp_iters)
         if value_range is not None:
-            x = np.clip(x, *value_range)
+            np.clip(x, *value_range, out=x)  # x is this function's own (back_project / predict_blocks)
         if margins is not None:
             need = total_halo(stages[i + 1:], arch, options.bp_iters) if i + 1 < len(stages) else (0, 0, 0)
             cut = []

@@ -29,7 +29,9 @@ def normalize(volume: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.ndarray:
     """Back to the input's units; integer dtypes are rounded and clamped to their range."""
-    return cast(volume.astype(np.float32) * np.float32(high - low) + np.float32(low), dtype)
+    y = np.multiply(volume, np.float32(high - low), dtype=np.float32)
+    y += np.float32(low)
+    return cast(y, dtype, inplace=True)
 
 
 def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -41,11 +43,20 @@ def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x
 
 
-def cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Float values into a pixel type: integers are rounded and clamped, never wrapped."""
+def cast(x: np.ndarray, dtype: np.dtype, inplace: bool = False) -> np.ndarray:
+    """Float values into a pixel type: integers are rounded and clamped, never wrapped.
+
+    `inplace` rounds and clamps in x itself (a float array the caller owns): output slabs are the
+    largest arrays in the program, and each temporary of their size costs time.
+    """
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
-        x = clip_to_dtype(np.rint(x), dtype)
+        if inplace:
+            info = np.iinfo(dtype)
+            np.rint(x, out=x)
+            np.clip(x, info.min, info.max, out=x)
+        else:
+            x = clip_to_dtype(np.rint(x), dtype)
     return x.astype(dtype)
 
 
