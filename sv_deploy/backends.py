@@ -5,7 +5,6 @@ Tiling, ensemble and back-projection live in `enhance` and are shared by all bac
 
 from __future__ import annotations
 
-import copy
 from typing import List, Protocol, Sequence
 
 import numpy as np
@@ -43,7 +42,6 @@ class TorchBackend:
         self.device = device
         self.stages: List[SVStage] = [s.to(device).eval() for s in stages]
         self._per_sample = device.type == "cpu"
-        self._channels_last = [channels_last(s) for s in self.stages] if self._per_sample else []
         self.transfers = None  # TransferTimes on CUDA: host->device, compute, device->host
         if device.type == "cuda":
             self.transfers, self._staging = TransferTimes(), PinnedStaging()
@@ -65,20 +63,9 @@ class TorchBackend:
             return self.stages[stage](t).float().cpu().numpy()
 
     def _cpu_pass(self, stage: int, x: np.ndarray) -> np.ndarray:
-        """One sample: on 2 cores oneDNN ran these passes faster one by one than batched, and a
-        volume's faster channels-last; a single plane (2D convolutions) is faster as it is."""
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        if t.shape[2] == 1:
-            return self.stages[stage](t).numpy()
-        return self._channels_last[stage](t.contiguous(memory_format=torch.channels_last_3d)).numpy()
-
-
-def channels_last(stage: torch.nn.Module) -> torch.nn.Module:
-    """A channels-last copy (weights too: that choice alone measured 0.41 -> 0.28 s a pass), so the
-    caller's module, which may still be trained or saved, keeps its layout."""
-    if not isinstance(stage, SVStage):  # e.g. a torch.compile wrapper: left as it was built
-        return stage
-    return copy.deepcopy(stage).to(memory_format=torch.channels_last_3d)
+        """One sample: on 2 cores oneDNN ran these passes faster one by one than batched (the 3D
+        ensemble 4.06 -> 3.60 s, 2D 0.94 -> 0.42 s; BENCH.md, session 7)."""
+        return self.stages[stage](torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
