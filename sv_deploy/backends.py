@@ -82,8 +82,9 @@ def model_kind(path: str) -> str:
 
 
 def auto_backend(kind: str, device: str) -> str:
-    """The measured-faster path: on a CPU, ONNX Runtime (1.2-2.6x torch on 2 cores, BENCH.md); on a
-    CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional extra)."""
+    """The measured-faster path: on a CPU, ONNX Runtime (1.1-1.4x torch on 2 cores, BENCH.md
+    session 7); on a CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional
+    extra)."""
     if kind == "onnx":
         return "onnxruntime"
     if kind == "engine":

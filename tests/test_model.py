@@ -59,3 +59,19 @@ def test_single_plane_shortcut_equals_the_3d_convolution(padding):
                 torch.testing.assert_close(single_plane_conv(layer, feed), layer(feed), rtol=1e-5, atol=1e-5)
         full = stage.expand(stage.mid(stage.shrink(stage.extract(x))))
         torch.testing.assert_close(stage.residual_phases(x), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factors,shape", [((2, 2, 2), (3, 1, 6, 9, 8)), ((1, 2, 2), (4, 1, 1, 12, 10))])
+def test_cpu_backend_one_sample_per_pass_equals_the_batched_stage(factors, shape):
+    from sv_deploy.backends import TorchBackend
+
+    torch.manual_seed(0)
+    stage = SVStage(factors).eval()
+    for p in stage.parameters():
+        p.data.normal_(0, 0.1)
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    with torch.inference_mode():
+        batched = stage(torch.from_numpy(x)).numpy()
+    got = TorchBackend([stage], torch.device("cpu")).predict(0, x)
+    assert got.shape == batched.shape
+    np.testing.assert_allclose(got, batched, rtol=1e-5, atol=1e-5)
