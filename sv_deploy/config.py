@@ -28,6 +28,10 @@ class ArchConfig:
     mid_layers: int = 2  # the authors used 4; 2 measured better on the x4 cases, see QUALITY.md
     groups: int = 1
     padding: str = "replicate"  # "zeros" as in the paper; replicate avoids fake dark borders in thin stacks
+    # Independently trained copies of the network whose residuals are averaged, run as one wider
+    # network (grouped convolutions). Averaging cuts the seed-to-seed spread that dominates on
+    # small inputs (QUALITY.md, session 8); `train` picks 3 below the paper's 0.3 M voxels.
+    members: int = 1
 
     def halo(self) -> int:
         """Receptive-field radius in LR voxels: k5 (2) + shrink (1) + mid (m) + expansion (1)."""
@@ -75,6 +79,7 @@ class StageReport:
     interp_val_loss: float
     gain_db: float
     seconds: float
+    member_gains_db: Tuple[float, ...] = ()  # each averaged network's own gain, when there are several
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def parse_size(text: str) -> int:
 def network_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int) -> int:
     """Working bytes of one network pass reading `voxels` input voxels: activations (two live
     feature maps and a convolution workspace per member, fp32) and the members' sub-pixel outputs."""
-    return voxels * 4 * batch * (2 * arch.features + 64 + 3 * prod(factors))
+    return voxels * 4 * batch * (2 * arch.features * arch.members + 64 + 3 * prod(factors))
 
 
 def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, block: int = 0) -> int:

@@ -8,6 +8,7 @@ for export, and a network that learns nothing still returns interpolation instea
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -56,16 +57,22 @@ class SVStage(nn.Module):
     def __init__(self, factors: Factors, arch: ArchConfig = ArchConfig()):
         super().__init__()
         self.factors = tuple(int(f) for f in factors)
+        self.arch = arch
         phases = int(np.prod(self.factors))
         a = arch
-        pm = a.padding
-        self.extract = nn.Sequential(nn.Conv3d(1, a.features, 5, padding=2, padding_mode=pm), nn.PReLU(a.features))
-        self.shrink = nn.Sequential(nn.Conv3d(a.features, a.shrink, 3, padding=1, padding_mode=pm), nn.PReLU(a.shrink))
+        pm, k = a.padding, a.members
+        self.extract = nn.Sequential(nn.Conv3d(1, a.features * k, 5, padding=2, padding_mode=pm), nn.PReLU(a.features * k))
+        self.shrink = nn.Sequential(
+            nn.Conv3d(a.features * k, a.shrink * k, 3, padding=1, groups=k, padding_mode=pm), nn.PReLU(a.shrink * k)
+        )
         mid = []
         for _ in range(a.mid_layers):
-            mid += [nn.Conv3d(a.shrink, a.shrink, 3, padding=1, groups=a.groups, padding_mode=pm), nn.PReLU(a.shrink)]
+            mid += [nn.Conv3d(a.shrink * k, a.shrink * k, 3, padding=1, groups=a.groups * k, padding_mode=pm),
+                    nn.PReLU(a.shrink * k)]
         self.mid = nn.Sequential(*mid)
-        self.expand = nn.Conv3d(a.shrink, phases, 3, padding=1, padding_mode=pm)
+        # One expansion over all members' channels: with each member's weights divided by k it
+        # outputs the mean of the members' residuals (see `merge_members`).
+        self.expand = nn.Conv3d(a.shrink * k, phases, 3, padding=1, padding_mode=pm)
         # Start as plain interpolation: the residual branch begins near zero.
         nn.init.normal_(self.expand.weight, std=1e-3)
         nn.init.zeros_(self.expand.bias)
@@ -108,6 +115,30 @@ def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         weight = conv.weight[:, :, kz // 2]
         padding = (py, px)
     return F.conv2d(plane, weight, conv.bias, padding=padding, groups=conv.groups).unsqueeze(2)
+
+
+def merge_members(members: Sequence[SVStage]) -> SVStage:
+    """One stage whose output is the mean of the given single-member stages' outputs.
+
+    The members' feature channels are stacked side by side and kept apart by grouped
+    convolutions; the shared expansion divides each member's weights by their count. Exact up to
+    float rounding, and a plain `SVStage` for every backend and the export.
+    """
+    first = members[0]
+    k = len(members)
+    arch = dataclasses.replace(first.arch, members=k)
+    merged = SVStage(first.factors, arch)
+    states = [m.state_dict() for m in members]
+    with torch.no_grad():
+        for name, tensor in merged.state_dict().items():
+            parts = [s[name] for s in states]
+            if name == "expand.weight":
+                tensor.copy_(torch.cat(parts, dim=1) / k)
+            elif name == "expand.bias":
+                tensor.copy_(torch.stack(parts).mean(dim=0))
+            else:
+                tensor.copy_(torch.cat(parts, dim=0))
+    return merged.eval()
 
 
 def count_parameters(module: nn.Module) -> int:

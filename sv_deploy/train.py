@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ from .backends import TorchBackend
 from .config import ArchConfig, Factors, Shape3, StageReport, TrainConfig
 from .enhance import InferenceOptions, enhance_volume
 from .errors import UserError
-from .model import SVStage
+from .model import SVStage, merge_members
 from .resize import downsample
 
 MIN_LR_PATCH_YX = 8
@@ -89,6 +90,24 @@ def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None
     return total / hr.numel()
 
 
+def default_members(voxels: int) -> int:
+    """Networks to average for an input of this many voxels: 3 below the paper's 0.3 M, else 1.
+
+    On small inputs the trained network varies most from seed to seed (0.3-0.6 dB, QUALITY.md);
+    the mean of three is better than a typical one and costs three times the training and network
+    time, which small inputs can afford.
+    """
+    return 3 if voxels < SMALL_INPUT_VOXELS else 1
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Member 0 keeps the run's seed (one member trains exactly as before); the others get
+    independent streams derived from it."""
+    if member == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, member]).generate_state(1)[0])
+
+
 def train_stage(
     volume: np.ndarray,
     factors: Factors,
@@ -98,7 +117,8 @@ def train_stage(
     progress: bool = True,
     label: str = "train",
 ) -> Tuple[SVStage, StageReport]:
-    """Train one stage on a normalized float32 volume; keep the weights best on held-out patches."""
+    """Train one stage on a normalized float32 volume: `arch.members` networks, each from its own
+    seed and patches, each keeping its weights best on the same held-out patches; then merged."""
     start = time.perf_counter()
     patch = fit_patch(volume.shape, cfg.patch, factors)
     train_region, val_region = holdout_split(volume.shape, patch, factors)
@@ -106,9 +126,48 @@ def train_stage(
     patch = fit_patch(train_vol.shape, patch, factors)
     val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    val_lr, val_hr = (t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))
+    val = tuple(t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))
+    single = dataclasses.replace(arch, members=1)
+    members, fits = [], []
+    for k in range(arch.members):
+        name = label if arch.members == 1 else f"{label} net {k + 1}/{arch.members}"
+        member_rng = rng if k == 0 else np.random.default_rng(member_seed(cfg.seed, k))
+        stage, fit = _fit_member(train_vol, patch, val, factors, single, cfg, member_seed(cfg.seed, k), member_rng,
+                                 device, progress, name)
+        members.append(stage)
+        fits.append(fit)
+    if arch.members == 1:
+        stage, (best_step, train_loss, best_loss, interp_loss) = members[0], fits[0]
+    else:
+        stage = merge_members(members).to(device)
+        best_step, train_loss = max(f[0] for f in fits), float(np.mean([f[1] for f in fits]))
+        interp_loss = fits[0][3]
+        best_loss = _mse(stage, *val, cfg.batch)
+    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
+        # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
+        # small was found to lose more often than win one scale up, QUALITY.md)
+        _zero_residual(stage)
+        best_loss = interp_loss
+    stage.eval()
+    report = StageReport(
+        factors=tuple(factors),
+        steps=cfg.steps,
+        best_step=best_step,
+        final_train_loss=train_loss,
+        best_val_loss=best_loss,
+        interp_val_loss=interp_loss,
+        gain_db=_db(interp_loss, best_loss),
+        seconds=time.perf_counter() - start,
+        member_gains_db=tuple(_db(f[3], f[2]) for f in fits) if arch.members > 1 else (),
+    )
+    return stage, report
 
+
+def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, progress, label):
+    """One network from its own initial weights; returns it with its best validated weights and
+    (best step, last training loss, best validation loss, interpolation's validation loss)."""
+    torch.manual_seed(seed)
+    val_lr, val_hr = val
     stage = SVStage(factors, arch).to(device)
     averaged = copy.deepcopy(stage) if cfg.ema else stage  # what is validated and kept
     opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
@@ -130,31 +189,22 @@ def train_stage(
         if not math.isfinite(train_loss):
             raise UserError(f"{label}: training diverged (loss {train_loss}); try a lower --lr")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val = _mse(averaged, val_lr, val_hr, cfg.batch)
-            if val < best_loss:
-                best_loss, best_step, best_state = val, step, copy.deepcopy(averaged.state_dict())
-            bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
+            val_loss = _mse(averaged, val_lr, val_hr, cfg.batch)
+            if val_loss < best_loss:
+                best_loss, best_step, best_state = val_loss, step, copy.deepcopy(averaged.state_dict())
+            bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val_loss:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
     bar.close()
     stage.load_state_dict(best_state)
-    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
-        # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
-        # small was found to lose more often than win one scale up, QUALITY.md)
-        with torch.no_grad():
-            stage.expand.weight.zero_()
-            stage.expand.bias.zero_()
+    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # a member that learned nothing adds no noise
+        _zero_residual(stage)
         best_loss = interp_loss
-    stage.eval()
-    report = StageReport(
-        factors=tuple(factors),
-        steps=cfg.steps,
-        best_step=best_step,
-        final_train_loss=train_loss,
-        best_val_loss=best_loss,
-        interp_val_loss=interp_loss,
-        gain_db=_db(interp_loss, best_loss),
-        seconds=time.perf_counter() - start,
-    )
-    return stage, report
+    return stage.eval(), (best_step, train_loss, best_loss, interp_loss)
+
+
+def _zero_residual(stage: SVStage) -> None:
+    with torch.no_grad():
+        stage.expand.weight.zero_()
+        stage.expand.bias.zero_()
 
 
 def _average_into(averaged: SVStage, stage: SVStage, decay: float) -> None:
@@ -198,9 +248,13 @@ def train_stages(
     for i, factors in enumerate(stages):
         label = f"stage {i + 1}/{len(stages)} x{'x'.join(map(str, factors))}"
         stage, report = train_stage(x, factors, arch, cfg, device, progress, label)
+        each = ""
+        if report.member_gains_db:
+            gains = ", ".join(f"{g:+.2f}" for g in report.member_gains_db)
+            each = f" ({len(report.member_gains_db)} networks averaged; each alone: {gains} dB)"
         log(
             f"{label}: {report.steps} steps in {report.seconds:.1f} s, best at step {report.best_step}, "
-            f"validation gain over interpolation {report.gain_db:+.2f} dB"
+            f"validation gain over interpolation {report.gain_db:+.2f} dB{each}"
         )
         if is_dead(report):
             log(

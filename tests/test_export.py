@@ -151,3 +151,21 @@ def test_a_2d_model_exports_single_plane_convolutions():
         ref = Chain(stages)(torch.from_numpy(x)).numpy()
     got = OnnxRuntimeBackend(model, device="cpu").run_chain(x)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+
+
+def test_averaged_networks_export_as_one_graph_and_match():
+    from sv_deploy.config import ArchConfig
+    from sv_deploy.model import merge_members
+
+    torch.manual_seed(0)
+    members = [SVStage((2, 2, 2)) for _ in range(3)]
+    for s in members:
+        torch.nn.init.normal_(s.expand.weight, std=0.05)
+    merged = merge_members(members)
+    config = ModelConfig(stages=((2, 2, 2),), arch=ArchConfig(members=3))
+    model = to_onnx(config, [merged], "4" * 64)
+    x = np.random.default_rng(2).random((2, 1, 6, 10, 12), dtype=np.float32)
+    with torch.no_grad():
+        ref = (sum(s(torch.from_numpy(x)) for s in members) / 3).numpy()
+    got = OnnxRuntimeBackend(model, device="cpu").run_chain(x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))

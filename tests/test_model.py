@@ -75,3 +75,22 @@ def test_cpu_backend_one_sample_per_pass_equals_the_batched_stage(factors, shape
     got = TorchBackend([stage], torch.device("cpu")).predict(0, x)
     assert got.shape == batched.shape
     np.testing.assert_allclose(got, batched, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factors,groups,shape", [((2, 2, 2), 1, (2, 1, 6, 9, 8)), ((1, 2, 2), 2, (2, 1, 1, 10, 12))])
+def test_merged_members_output_the_mean_of_the_members(factors, groups, shape):
+    from sv_deploy.model import merge_members
+
+    torch.manual_seed(0)
+    members = [SVStage(factors, ArchConfig(groups=groups)).eval() for _ in range(3)]
+    for m in members:
+        for p in m.parameters():
+            p.data.normal_(0, 0.1)
+    merged = merge_members(members)
+    assert merged.arch.members == 3
+    assert count_parameters(merged) == 3 * count_parameters(members[0]) - 2 * (merged.expand.bias.numel())
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        mean = sum(m(x) for m in members) / 3
+        torch.testing.assert_close(merged(x), mean, rtol=1e-5, atol=1e-5)
+        assert (members[0](x) - mean).abs().max() > 1e-3  # the members really differ

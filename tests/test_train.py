@@ -83,3 +83,16 @@ def test_weight_average_update():
         assert torch.allclose(x, 0.9 * old + 0.1 * new, atol=1e-7)
     _average_into(a, b, 0.0)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_averaged_networks_train_apart_and_the_first_is_the_single_run(flybrain_pair):
+    _, lr = flybrain_pair
+    x = normalize(lr, float(lr.min()), float(lr.max()))
+    cfg = TrainConfig(steps=4, batch=2, patch=(8, 32, 32), val_every=2, val_patches=4)
+    single, _ = train_stage(x, (2, 2, 2), ArchConfig(), cfg, torch.device("cpu"), progress=False)
+    merged, report = train_stage(x, (2, 2, 2), ArchConfig(members=2), cfg, torch.device("cpu"), progress=False)
+    assert merged.arch.members == 2 and len(report.member_gains_db) == 2
+    features = ArchConfig().features
+    first, second = merged.extract[0].weight[:features], merged.extract[0].weight[features:]
+    assert torch.equal(first, single.extract[0].weight)  # member 0 keeps the run's seed and patches
+    assert not torch.allclose(first, second)  # the other starts from its own seed
