@@ -93,36 +93,40 @@ def _per_axis(x: np.ndarray, ops) -> np.ndarray:
             continue
         axis = first + offset
         make, args = op
-        if axis == x.ndim - 1:
-            x = _apply_last(make(x.shape[axis], *args), x)
-        elif axis > 0:
-            x = _apply_sparse(_sparse(make, x.shape[axis], *args), x, axis)
-        else:
-            x = np.tensordot(make(x.shape[axis], *args), x, axes=([1], [0]))
+        x = _apply_banded(_bands(make, x.shape[axis], *args), x, axis)
     return np.ascontiguousarray(x)
 
 
-def _apply_last(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Last axis as one BLAS product on rows, no transposes: about 2x faster than moving the axis
-    (upsampling 76x256x256 by 2 on all axes: median 1.09 -> 0.35 s on 2 cores, BENCH.md session 7)."""
-    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    return (rows @ w.T).reshape(*x.shape[:-1], w.shape[0])
+BAND_BLOCK = 32  # output samples per product: 2-9x faster than the whole matrix on 2 cores (BENCH.md, session 8)
 
 
 @lru_cache(maxsize=256)
-def _sparse(make, length: int, *args):
-    from scipy.sparse import csr_matrix
+def _bands(make, length: int, *args):
+    """The matrix cut into blocks of BAND_BLOCK output rows, each with only the input columns it
+    touches: (rows j0:j1, columns c0:c1, that sub-matrix). Cubic weights span a few samples, so the
+    products cost O(taps) per sample instead of O(length), and stay BLAS products."""
+    w = make(length, *args)
+    bands = []
+    for j0 in range(0, w.shape[0], BAND_BLOCK):
+        j1 = min(j0 + BAND_BLOCK, w.shape[0])
+        used = np.nonzero(np.any(w[j0:j1] != 0, axis=0))[0]
+        c0, c1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)  # no columns: the product is 0
+        bands.append((j0, j1, c0, c1, np.ascontiguousarray(w[j0:j1, c0:c1])))
+    return w.shape[0], tuple(bands)
 
-    return csr_matrix(make(length, *args))
 
-
-def _apply_sparse(w, x: np.ndarray, axis: int) -> np.ndarray:
-    """Same product as the dense path, O(taps) per sample: 3-6x faster on a middle axis (measured on
-    2 cores at 80x600x600), where the dense product pays the full length per sample."""
-    moved = np.moveaxis(x, axis, 0)
-    rest = moved.shape[1:]
-    out = w @ moved.reshape(moved.shape[0], -1)
-    return np.moveaxis(np.asarray(out, dtype=np.float32).reshape((w.shape[0], *rest)), 0, axis)
+def _apply_banded(bands, x: np.ndarray, axis: int) -> np.ndarray:
+    """`w` along `axis`, block by block, each block's product written in place (no moved axes)."""
+    out_length, blocks = bands
+    before, after = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
+    src = np.ascontiguousarray(x).reshape(before, x.shape[axis], after)
+    out = np.empty((before, out_length, after), dtype=np.float32)
+    for j0, j1, c0, c1, w in blocks:
+        if after == 1:  # last axis: rows @ w.T, one product over all rows
+            np.matmul(src[:, c0:c1, 0], w.T, out=out[:, j0:j1, 0])
+        else:
+            np.matmul(w, src[:, c0:c1, :], out=out[:, j0:j1, :])
+    return out.reshape(*x.shape[:axis], out_length, *x.shape[axis + 1 :])
 
 
 def downsample(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sv_deploy.resize import downsample, phase_weights, resize, resize_matrix, upsample
+from sv_deploy.resize import BAND_BLOCK, downsample, phase_weights, resize, resize_matrix, upsample
 
 
 @pytest.mark.parametrize("n,scale", [(9, 0.5), (16, 0.25), (10, 2.0), (7, 3.0), (12, 1 / 3)])
@@ -48,7 +48,8 @@ def test_resize_is_the_product_of_the_axis_matrices(scales):
     for a batch of volumes and for a non-contiguous view."""
     rng = np.random.default_rng(1)
     batch = rng.random((2, 6, 12, 10)).astype(np.float32)
-    for vol in (batch, batch[:, :, ::-1, :], batch[0]):
+    long = rng.random((1, 2 * BAND_BLOCK + 3, 3 * BAND_BLOCK - 5, 2 * BAND_BLOCK + 7)).astype(np.float32)  # several blocks
+    for vol in (batch, batch[:, :, ::-1, :], batch[0], long):
         expected = vol.astype(np.float64)
         for offset, s in enumerate(scales):
             if s != 1:
