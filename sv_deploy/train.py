@@ -143,11 +143,9 @@ def train_stage(
         best_step, train_loss = max(f[0] for f in fits), float(np.mean([f[1] for f in fits]))
         interp_loss = fits[0][3]
         best_loss = _mse(stage, *val, cfg.batch)
-    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
-        # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
-        # small was found to lose more often than win one scale up, QUALITY.md)
-        _zero_residual(stage)
-        best_loss = interp_loss
+        if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # the mean as a whole, as one member below
+            _zero_residual(stage)
+            best_loss = interp_loss
     stage.eval()
     report = StageReport(
         factors=tuple(factors),
@@ -195,7 +193,10 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
             bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val_loss:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
     bar.close()
     stage.load_state_dict(best_state)
-    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # a member that learned nothing adds no noise
+    if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
+        # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
+        # small was found to lose more often than win one scale up, QUALITY.md). Among averaged
+        # networks such a member counts as interpolation in the mean.
         _zero_residual(stage)
         best_loss = interp_loss
     return stage.eval(), (best_step, train_loss, best_loss, interp_loss)
