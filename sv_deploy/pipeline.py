@@ -8,9 +8,7 @@ cost about 130 MiB more peak memory, measured), and file writes release the GIL.
 from __future__ import annotations
 
 import queue
-import signal
 import threading
-from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, List, TypeVar
 
 T = TypeVar("T")
@@ -51,8 +49,7 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
             if errors:
                 raise errors[0]
             try:
-                with interrupts_held():
-                    q.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -66,13 +63,11 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
     except BaseException:
         while worker.is_alive():
             try:
-                with interrupts_held():
-                    q.put(_ABORT, timeout=0.1)
+                q.put(_ABORT, timeout=0.1)
                 break
             except queue.Full:
                 try:
-                    with interrupts_held():
-                        q.get_nowait()
+                    q.get_nowait()
                 except queue.Empty:
                     pass
         worker.join()
@@ -80,27 +75,3 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
     worker.join()
     if errors:
         raise errors[0]
-
-
-@contextmanager
-def interrupts_held():
-    """Hold Ctrl-C while inside the queue's locks and raise it right after.
-
-    A KeyboardInterrupt raised between a lock's acquire and its `with` block leaves the lock held
-    (CPython does not guarantee `__exit__` there), and the next put or get hangs both threads: an
-    interrupted `infer` then never exited (the likely cause of a hang seen twice in the Ctrl-C test).
-    Off the main thread, or when Ctrl-C is not Python's default KeyboardInterrupt, nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    caught: List[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
