@@ -152,6 +152,8 @@ def test_ctrl_c_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sv_deploy", "infer", str(model_file), str(big), "-o", str(out), "--tile", "8,32,32"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        # a test run started in the background of a shell ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.ome.tif.partial-*")):
