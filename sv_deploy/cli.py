@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -49,7 +50,7 @@ def friendly(func):
     return wrapper
 
 
-def _triple(kind=int):
+def _triple(kind=int, example="16,48,48"):
     def parse(ctx, param, value):
         if value is None:
             return None
@@ -57,8 +58,8 @@ def _triple(kind=int):
             parts = tuple(kind(p) for p in str(value).split(","))
         except ValueError:
             parts = ()
-        if len(parts) != 3 or any(p <= 0 for p in parts):
-            raise click.BadParameter(f"'{value}' must be three positive numbers z,y,x, e.g. 16,48,48")
+        if len(parts) != 3 or not all(math.isfinite(p) and p > 0 for p in parts):
+            raise click.BadParameter(f"'{value}' must be three positive numbers z,y,x, e.g. {example}")
         return parts
 
     return parse
@@ -77,7 +78,7 @@ input_options = [
     click.option("--channel", type=int, help="Channel to use when the input has several."),
     click.option("--time", "time_index", type=int, help="Time point to use when the input has several."),
     click.option(
-        "--voxel-size", callback=_triple(float), help="Voxel size z,y,x in micrometres, overriding the file's."
+        "--voxel-size", callback=_triple(float, "0.5,0.1,0.1"), help="Voxel size z,y,x in micrometres, overriding the file's."
     ),
 ]
 
@@ -117,16 +118,26 @@ def _one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+_FAST, _PAPER = TrainConfig(), TrainConfig.paper()
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, help="Model file to write (.svmodel).")
 @click.option("--scale", default="2", show_default=True, help="Factor: 2, 4, or per axis z,y,x like 1,2,2. x4 trains two x2 stages.")
 @click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="fast: our default; paper: the authors' 1500 steps, batch 8, 8x64x64 patches per stage.")
-@click.option("--steps", type=int, help="Training steps per stage (overrides the recipe).")
-@click.option("--batch", type=int, help="Patches per step (overrides the recipe).")
-@click.option("--patch", callback=_triple(int), help="Patch size z,y,x at each stage's input resolution.")
-@click.option("--lr", "learning_rate", type=float, help="Adam learning rate (cosine-decayed).")
+@click.option("--steps", type=int, help=f"Training steps per stage [default: {_FAST.steps} fast, {_PAPER.steps} paper].")
+@click.option("--batch", type=int, help=f"Patches per step [default: {_FAST.batch} fast, {_PAPER.batch} paper].")
+@click.option("--patch", callback=_triple(int),
+              help=f"Patch size z,y,x at each stage's input resolution [default: {_csv(_FAST.patch)} fast, "
+                   f"{_csv(_PAPER.patch)} paper].")
+@click.option("--lr", "learning_rate", type=float,
+              help=f"Adam learning rate, cosine-decayed [default: {_FAST.lr:g} fast, {_PAPER.lr:g} paper].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; CPU runs with the same seed repeat exactly.")
 @click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=TrainConfig.ema, show_default=True,
               help="Decay of the running weight average that is validated and saved (0: the raw weights).")
@@ -156,12 +167,14 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
     from .config import ModelConfig, NormConfig, Provenance
     from .factors import parse_scale, split_stages
-    from .model_file import save_model
+    from .model_file import SUFFIX, save_model
     from .normalize import normalize, percentiles, valid_range
     from .backends import pick_device
-    from .train import default_members, fit_patch, train_stages
+    from .train import default_members, fit_patch, min_patch, train_stages
     from .volume_io import check_output_path, sha256_file
 
+    if not output.lower().endswith(SUFFIX):
+        raise UserError(f"model file {output} must end in {SUFFIX}, e.g. -o {Path(output).stem}{SUFFIX}")
     out = check_output_path(output, overwrite)
     if mid_layers < 0 or groups < 1 or 6 % groups:
         raise UserError("--mid-layers must be >= 0 and --groups must divide 6 (1, 2, 3 or 6)")
@@ -175,6 +188,10 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     cfg = dataclasses.replace(cfg, ema=ema, **overrides)
     if vol.axes == "YX":
         cfg = dataclasses.replace(cfg, patch=(1, cfg.patch[1], cfg.patch[2]))
+    least = min_patch(stages[0])
+    if any(p < m for p, m in zip(cfg.patch, least)):
+        raise UserError(f"--patch {_csv(cfg.patch)} is smaller than a stage at scale {'x'.join(map(str, stages[0]))} "
+                        f"can learn from; use at least {_csv(least)}")
     arch = ArchConfig(mid_layers=mid_layers, groups=groups, members=members or default_members(vol.data.size))
     norm = NormConfig()
     dev = pick_device(device)
@@ -235,7 +252,7 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="8-way geometric self-ensemble.")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Back-projection iterations against the input per stage (0 = off).")
-@click.option("--tile", callback=_triple(int), help="Tile core z,y,x in input voxels (default: the largest that fits --max-memory).")
+@click.option("--tile", callback=_triple(int, "32,96,96"), help="Tile core z,y,x in input voxels (default: the largest that fits --max-memory).")
 @click.option("--max-memory", help="Working memory to plan tiles for, e.g. 2G (default: half the free RAM).")
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
               show_default=True, help="Output pixel type.")
@@ -277,7 +294,11 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     single = len(paths) == 1 and not watch_dir and not output.endswith(("/", "\\")) and not Path(output).is_dir()
     if single:
         _tiff_output(output, overwrite)
-    budget = parse_size(max_memory) if max_memory else None
+        if Path(output).resolve() == Path(paths[0]).resolve():
+            raise UserError(f"-o {output} is the input itself; write the enhanced volume to another file")
+    budget = parse_size(max_memory) if max_memory is not None else None
+    if budget is not None and budget <= 0:
+        raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     config, runner = open_backend(model, backend, device, log=log)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters)
@@ -360,10 +381,13 @@ def _expand(inputs) -> list:
 @click.option("--lowres", type=click.Path(dir_okay=False), help="The LR input: adds tricubic and tricubic + back-projection rows.")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Back-projection iterations for the no-network baseline.")
+@click.option("--axes", help="Axes of REFERENCE and --lowres when the files do not say, e.g. ZYX, CZYX.")
 @click.option("--channel", type=int, help="Channel of REFERENCE and --lowres when they have several.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--time", "time_index", type=int, help="Time point of REFERENCE and --lowres when they have several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (scores that are infinite, "
+              "for identical volumes, are null).")
 @friendly
-def evaluate(output_path, reference, lowres, bp_iters, channel, as_json):
+def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index, as_json):
     """Score OUTPUT against REFERENCE (PSNR, 3D SSIM, NRMSE), beside tricubic baselines.
 
     \b
@@ -374,33 +398,51 @@ def evaluate(output_path, reference, lowres, bp_iters, channel, as_json):
       sv-deploy evaluate beads_x4.ome.tif beads_hr.tif --lowres beads_lr.tif
     """
     from .evaluate import evaluate as run_evaluate, format_table
-    from .volume_io import read_volume
+    from .volume_io import check_not_constant, read_volume
 
-    ref = read_volume(reference, channel=channel).data
+    ref_vol = read_volume(reference, axes=axes, channel=channel, time=time_index)
+    check_not_constant(ref_vol, str(reference))  # no data range to score against
     out = read_volume(output_path).data
-    lr = read_volume(lowres, channel=channel).data if lowres else None
-    rows = run_evaluate(out, ref, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
+    lr = read_volume(lowres, axes=axes, channel=channel, time=time_index).data if lowres else None
+    rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
-        click.echo(json.dumps({"reference": str(reference), "rows": [r.to_dict() for r in rows]}, indent=2))
+        report = {"reference": str(reference), "rows": [r.to_dict() for r in rows]}
+        click.echo(json.dumps(_finite(report), indent=2, allow_nan=False))
     else:
         click.echo(format_table(rows))
 
 
+def _finite(value):
+    """JSON has no Infinity or NaN: such scores (identical volumes) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 @main.group()
 def simulate():
-    """Make synthetic test data."""
+    """Make synthetic test data.
+
+    \b
+    Example:
+      sv-deploy simulate beads data/
+    """
 
 
 @simulate.command("beads")
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--shape", callback=_triple(int), default="60,512,512", show_default=True, help="High-resolution size z,y,x.")
+@click.option("--shape", callback=_triple(int, "60,512,512"), default="60,512,512", show_default=True, help="High-resolution size z,y,x.")
 @click.option("--beads", "count", type=click.IntRange(1), default=125, show_default=True, help="Number of beads.")
-@click.option("--sigma", callback=_triple(float), default="2.5,1,1", show_default=True, help="Gaussian PSF sigma z,y,x in voxels.")
+@click.option("--sigma", callback=_triple(float, "2.5,1,1"), default="2.5,1,1", show_default=True, help="Gaussian PSF sigma z,y,x in voxels.")
 @click.option("--window", type=click.IntRange(1), default=13, show_default=True, help="PSF window size in voxels.")
 @click.option("--scale", default="4", show_default=True, help="Downsampling factor of the LR copy (or z,y,x).")
-@click.option("--voxel-size", callback=_triple(float), default="0.4,0.1,0.1", show_default=True,
+@click.option("--voxel-size", callback=_triple(float, "0.4,0.1,0.1"), default="0.4,0.1,0.1", show_default=True,
               help="High-resolution voxel size z,y,x in micrometres.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bead positions.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
 @friendly
 def simulate_beads(outdir, shape, count, sigma, window, scale, voxel_size, seed, overwrite):
@@ -424,7 +466,8 @@ def simulate_beads(outdir, shape, count, sigma, window, scale, voxel_size, seed,
 @click.option("--engine", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
 @click.option("--plugin/--no-plugin", default=True, show_default=True,
               help="Engine shuffle: our PixelShuffle3D plugin, or TensorRT's own ops from the ONNX function.")
-@click.option("--tile", callback=_triple(int), help="Tile core z,y,x the engine is optimised for (default: infer's 32,96,96).")
+@click.option("--tile", callback=_triple(int, "32,96,96"),
+              help="Tile core z,y,x the engine is optimised for; infer then uses it [default: 32,96,96].")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Back-projection iterations the engine's largest tile must allow (sets its halo).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files in OUTDIR.")
@@ -511,23 +554,45 @@ def bench(outdir, quick, runs, min_seconds, only, select, no_training, repeated_
 @click.argument("model", type=click.Path(dir_okay=False))
 @friendly
 def info(model):
-    """Show a model file's configuration and training provenance."""
-    from .model_file import read_header
+    """Show a model's configuration and training provenance (JSON): a .svmodel or its .onnx export.
 
-    meta = read_header(model)
-    click.echo(json.dumps({"sha256": meta["sha256"], "config": json.loads(meta["config"])}, indent=2))
+    \b
+    Examples:
+      sv-deploy info stack.svmodel
+      sv-deploy info export/stack.onnx
+    """
+    if model.lower().endswith(".onnx"):
+        from .onnx_graph import read_metadata
+        from .ort_backend import load_onnx
+
+        meta = read_metadata(load_onnx(model))
+        shown = {"source_sha256": meta.get("source_sha256"), "precision": meta.get("precision"),
+                 "config": json.loads(meta["config"])}
+    else:
+        from .model_file import read_header
+
+        meta = read_header(model)
+        shown = {"sha256": meta["sha256"], "config": json.loads(meta["config"])}
+    click.echo(json.dumps(shown, indent=2))
 
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False), default="sv-deploy-demo")
-@click.option("--scale", type=click.Choice(["2", "4"]), default="2", show_default=True)
-@click.option("--steps", type=int, help="Training steps per stage (default: the fast recipe).")
+@click.option("--scale", type=click.Choice(["2", "4"]), default="2", show_default=True,
+              help="Enhancement factor on every axis (4: two x2 stages, about twice the time).")
+@click.option("--steps", type=click.IntRange(1), help=f"Training steps per stage [default: {_FAST.steps}, the fast recipe].")
 @click.option("--overwrite", is_flag=True, help="Replace files from an earlier demo run.")
 @friendly
 def demo(outdir, scale, steps, overwrite):
     """Run the whole workflow on simulated beads: simulate -> train -> infer -> evaluate.
 
-    Needs no files of your own; prints each step's command and the final score table.
+    Needs no files of your own; prints each step's command and the final score table. Files go
+    to OUTDIR (default: sv-deploy-demo).
+
+    \b
+    Examples:
+      sv-deploy demo
+      sv-deploy demo demo-x4 --scale 4
     """
     from .demo import run_demo
 

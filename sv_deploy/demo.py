@@ -57,6 +57,6 @@ def run_demo(outdir: Path, scale: int, steps: Optional[int], overwrite: bool) ->
     _run(["simulate", "beads", d, "--shape", shape, "--beads", "400", "--scale", str(scale), *extra])
     model = f"{d}/beads.svmodel"
     train = ["train", f"{d}/beads_lr.tif", "-o", model, "--scale", str(scale), *extra]
-    _run(train + (["--steps", str(steps)] if steps else []))
+    _run(train + (["--steps", str(steps)] if steps is not None else []))
     _run(["infer", model, f"{d}/beads_lr.tif", "-o", f"{d}/beads_x{scale}.ome.tif", *extra])
     _run(["evaluate", f"{d}/beads_x{scale}.ome.tif", f"{d}/beads_hr.tif", "--lowres", f"{d}/beads_lr.tif"])

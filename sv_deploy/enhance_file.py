@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_slabs
 from .errors import UserError
 from .memory import choose_block, choose_tile, default_budget
-from .normalize import denormalize, normalize, percentiles, valid_range
+from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
 
@@ -82,7 +82,13 @@ def enhance_file(
             f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
             "--scale 1,F,F or on 2D data"
         )
+    if config.axes == "YX" and vol.axes != "YX":
+        raise UserError(
+            f"the model was trained on a 2D image and enhances 2D images only, but {input_path} is a "
+            f"{'x'.join(map(str, vol.data.shape))} (z,y,x) stack; train on the stack itself (--scale 1,2,2)"
+        )
     dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
+    check_output_dtype(vol.data, dtype, out_dtype)
     low, high = percentiles(vol.data, config.norm)
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start

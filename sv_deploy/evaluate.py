@@ -56,7 +56,8 @@ def evaluate(
     rows = []
     if output is not None:
         if output.shape != reference.shape:
-            raise UserError(f"output shape {output.shape} differs from reference shape {reference.shape}")
+            raise UserError(f"output shape {output.shape} differs from reference shape {reference.shape}; score "
+                            "an output against the reference at its own scale (same z,y,x size)")
         rows.append(score_row(output_name, output, reference))
     if lowres is not None:
         factors = infer_factors(reference.shape, lowres.shape)

@@ -103,7 +103,7 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
         need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block)
         raise UserError(
             f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
-            f"{budget / 2**20:.0f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
+            f"{budget / 2**20:.1f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
         )
     return best
 

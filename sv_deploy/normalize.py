@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .config import NormConfig
+from .errors import UserError
 
 MAX_SAMPLES = 4_000_000  # percentiles of huge volumes come from a strided subsample
 
@@ -68,3 +69,28 @@ def valid_range(dtype: np.dtype, low: float, high: float) -> Optional[Tuple[floa
     info = np.iinfo(dtype)
     scale = 1.0 / (high - low)
     return ((info.min - low) * scale, (info.max - low) * scale)
+
+
+def check_output_dtype(data: np.ndarray, dtype: np.dtype, option: str) -> None:
+    """Refuse an integer output type that would clip or round the input's values away.
+
+    The output keeps the input's units, so the type must hold the input's value range, and a float
+    input must hold whole numbers (counts stored as floats); a [0, 1] float volume written as
+    uint16 would otherwise come out as 0s and 1s.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "ui" or data.dtype == dtype:
+        return
+    low, high = float(data.min()), float(data.max())
+    info = np.iinfo(dtype)
+    if low < info.min or high > info.max:
+        raise UserError(
+            f"--dtype {option} holds {info.min}..{info.max} but the input's values span {low:g}..{high:g} "
+            "(the output keeps the input's units); use --dtype input or float32"
+        )
+    sample = data.reshape(-1)[:: max(1, data.size // MAX_SAMPLES)]
+    if data.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
+        raise UserError(
+            f"the input holds fractional values ({low:g}..{high:g}); --dtype {option} would round them "
+            "away (the output keeps the input's units): use --dtype input or float32"
+        )

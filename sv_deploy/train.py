@@ -25,14 +25,14 @@ DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not 
 SMALL_INPUT_VOXELS = 300_000  # the paper's Fig. 8: quality saturates from about 0.3 M LR voxels
 
 
-def _min_patch(factors: Factors) -> Shape3:
+def min_patch(factors: Factors) -> Shape3:
     """Smallest HR patch that still gives an LR patch with context: 8 LR voxels in y-x, 2 in z."""
     return tuple(f * (MIN_LR_PATCH_YX if a > 0 else (2 if f > 1 else 1)) for a, f in enumerate(factors))  # type: ignore
 
 
 def fit_patch(shape: Shape3, patch: Shape3, factors: Factors) -> Shape3:
     """Largest patch <= the requested one that fits the volume and divides by the factors."""
-    minimum = _min_patch(factors)
+    minimum = min_patch(factors)
     out = tuple((min(n, p) // f) * f for n, p, f in zip(shape, patch, factors))
     if any(o < m for o, m in zip(out, minimum)):
         raise UserError(

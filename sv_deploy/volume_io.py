@@ -20,8 +20,10 @@ UNKNOWN: VoxelSize = (None, None, None)
 BIGTIFF_BYTES = 2**31  # switch to BigTIFF well before classic TIFF's 4 GiB limit
 
 _UNIT_TO_UM = {
-    "um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0,
-    "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    # micro sign (U+00B5) and Greek mu (U+03BC) both occur in the wild, as does ImageJ's escaped form
+    "um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "micrometre": 1.0, "micrometers": 1.0, "micrometres": 1.0,
+    "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3,
     "cm": 1e4, "m": 1e6,
 }
 
@@ -174,7 +176,7 @@ def read_volume(
         bad = ~np.isfinite(data)
         if bad.any():
             raise UserError(
-                f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) before enhancing"
+                f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) and try again"
             )
     return Volume(np.ascontiguousarray(data), axes, voxel, source_axes)
 

@@ -228,3 +228,75 @@ def test_export_errors(model_file, lr_file, tmp_path):
     assert_one_line_error(
         run("infer", model_file, lr_file, "-o", tmp_path / "y.ome.tif", "--backend", "tensorrt"), "export"
     )
+
+
+def test_train_names_a_wrong_model_name_or_a_too_small_patch(lr_file, tmp_path):
+    assert_one_line_error(run("train", lr_file, "-o", tmp_path / "m.tif", "-q"), ".svmodel")
+    assert_one_line_error(run("train", lr_file, "-o", tmp_path / "m.svmodel", "--patch", "2,8,8", "-q"),
+                          "--patch 2,8,8", "at least 4,16,16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_infer_refuses_to_replace_its_input(model_file, lr_file, tmp_path):
+    src = tmp_path / "acq.tif"
+    src.write_bytes(lr_file.read_bytes())
+    assert_one_line_error(run("infer", model_file, src, "-o", src, "--overwrite", "-q"), "the input itself")
+    assert src.read_bytes() == lr_file.read_bytes()
+
+
+def test_output_dtype_that_would_clip_or_round_is_refused(model_file, tmp_path, flybrain_crop):
+    wide = tmp_path / "wide.tif"
+    data = flybrain_crop[:8, :48, :48].astype(np.uint16) * 16  # not a uint8 any more
+    write_volume(wide, [data], data.shape, np.uint16, "ZYX", (1.0, 1.0, 1.0))
+    fine = tmp_path / "fine.ome.tif"  # uint16 holds it (and the export is cached before the errors)
+    assert run("infer", model_file, wide, "-o", fine, "--dtype", "uint16", "--no-ensemble", "-q").exit_code == 0
+    out = tmp_path / "o.ome.tif"
+    assert_one_line_error(run("infer", model_file, wide, "-o", out, "--dtype", "uint8", "-q"), "--dtype uint8",
+                          f"0..{data.max()}")
+    unit = tmp_path / "unit.tif"
+    floats = data.astype(np.float32) / data.max()  # a [0, 1] float volume: uint16 would keep only 0 and 1
+    write_volume(unit, [floats], floats.shape, np.float32, "ZYX", (1.0, 1.0, 1.0))
+    assert_one_line_error(run("infer", model_file, unit, "-o", out, "--dtype", "uint16", "-q"), "fractional")
+    assert not out.exists()
+
+
+def test_two_d_model_refuses_a_stack(lr_file, tmp_path, flybrain_crop):
+    image = tmp_path / "plane.tif"
+    plane = flybrain_crop[flybrain_crop.shape[0] // 2]
+    write_volume(image, [plane[None]], (1, *plane.shape), np.uint8, "YX", (None, 0.2, 0.2))
+    model = tmp_path / "plane.svmodel"
+    result = run("train", image, "-o", model, "--steps", "2", "--members", "1", "-q")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o.ome.tif"
+    assert_one_line_error(run("infer", model, lr_file, "-o", out, "-q"), "2D images only", "--scale 1,2,2")
+    assert not out.exists()
+
+
+def test_evaluate_reads_axes_and_refuses_a_constant_reference(lr_file, tmp_path, flybrain_crop):
+    ref = tmp_path / "czyx.tif"  # no axes metadata: --axes says what the dimensions are
+    tifffile.imwrite(ref, np.stack([flybrain_crop, flybrain_crop[::-1]]), photometric="minisblack")
+    out = tmp_path / "same.tif"
+    write_volume(out, [flybrain_crop], flybrain_crop.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    import json
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    scores = []
+    for channel in ("0", "1"):
+        result = run("evaluate", out, ref, "--axes", "CZYX", "--channel", channel, "--json")
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout, parse_constant=no_constants)["rows"][0]["matched"]["psnr"])
+    assert scores[0] is None  # identical volumes: an infinite PSNR has no JSON number
+    assert 0 < scores[1] < 40  # the other channel (z flipped) differs
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.full(flybrain_crop.shape, 9, np.uint8))
+    assert_one_line_error(run("evaluate", lr_file, flat), "constant")
+
+
+def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path):
+    out = tmp_path / "o.ome.tif"
+    assert_one_line_error(run("infer", model_file, lr_file, "-o", out, "--max-memory", "0"), "more than 0")
+    result = run("infer", model_file, lr_file, "-o", out, "--voxel-size", "nan,1,1")
+    assert result.exit_code == 2 and "three positive numbers" in result.output and "0.5,0.1,0.1" in result.output
+    assert not out.exists()

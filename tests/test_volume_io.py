@@ -76,3 +76,18 @@ def test_not_a_tiff_and_nan_are_refused(tmp_path):
     tifffile.imwrite(nan, arr, photometric="minisblack")
     with pytest.raises(UserError, match="NaN/Inf"):
         read_volume(nan)
+
+
+@pytest.mark.parametrize("unit", ["\u03bcm", "\u00b5m", "micrometre", "micron"])
+def test_common_spellings_of_micrometre(tmp_path, unit):
+    """Greek mu (U+03BC) and the micro sign (U+00B5) both occur in OME files; British spelling in ImageJ."""
+    data = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
+    ome = tmp_path / "v.ome.tif"
+    sizes = {f"PhysicalSize{a}": s for a, s in zip("ZYX", (0.5, 0.2, 0.1))}
+    tifffile.imwrite(ome, data, ome=True, metadata={"axes": "ZYX", **sizes, **{f"{k}Unit": unit for k in sizes}})
+    assert read_volume(ome).voxel_size == pytest.approx((0.5, 0.2, 0.1))
+    if unit.isascii():  # ImageJ's description is ASCII (it escapes the micro sign, tested above)
+        ij = tmp_path / "ij.tif"
+        tifffile.imwrite(ij, data, imagej=True, resolution=(1 / 0.1, 1 / 0.2),  # (x, y) pixels per unit
+                         metadata={"unit": unit, "spacing": 0.5, "axes": "ZYX"})
+        assert read_volume(ij).voxel_size == pytest.approx((0.5, 0.2, 0.1))
