@@ -174,6 +174,12 @@ def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, t
     assert result.exit_code == 0, result.output
     onnx_file = tmp_path / "exp" / "small.onnx"
     assert onnx_file.is_file()
+    import json
+
+    from sv_deploy.model_file import read_header
+
+    shown = json.loads(run("info", onnx_file).stdout)  # the export tells what it came from
+    assert shown["source_sha256"] == read_header(model_file)["sha256"] and shown["config"]["stages"] == [[2, 2, 2]]
     common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q"]
     torch_out, ort_out = tmp_path / "t.ome.tif", tmp_path / "o.ome.tif"
     assert run("infer", model_file, lr_file, "-o", torch_out, "--backend", "torch", *common).exit_code == 0
