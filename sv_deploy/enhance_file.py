@@ -89,6 +89,10 @@ def enhance_file(
         )
     dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
     check_output_dtype(vol.data, dtype, out_dtype)
+    unknown = [a for a, v in zip("zyx", vol.voxel_size) if v is None and (a != "z" or vol.axes != "YX")]
+    if unknown:
+        log(f"warning: {input_path} does not give its voxel size in {', '.join(unknown)} (or in a unit this "
+            "reader knows), so the output will not either; set it with --voxel-size z,y,x (micrometres)")
     low, high = percentiles(vol.data, config.norm)
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start

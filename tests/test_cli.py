@@ -300,6 +300,19 @@ def test_evaluate_reads_axes_and_refuses_a_constant_reference(lr_file, tmp_path,
     assert_one_line_error(run("evaluate", lr_file, flat), "constant")
 
 
+def test_a_missing_voxel_size_is_reported_and_can_be_given(model_file, tmp_path, flybrain_crop):
+    plain = tmp_path / "plain.tif"  # no resolution tags, no ImageJ or OME metadata
+    tifffile.imwrite(plain, flybrain_crop[:8, :40, :40], photometric="minisblack")
+    out = tmp_path / "o.ome.tif"
+    result = run("infer", model_file, plain, "-o", out, "--no-ensemble", "--bp-iters", "0", "-q")
+    assert result.exit_code == 0 and "voxel size in z, y, x" in result.stderr and "--voxel-size" in result.stderr
+    assert read_volume(out).voxel_size == (None, None, None)
+    result = run("infer", model_file, plain, "-o", out, "--overwrite", "--no-ensemble", "--bp-iters", "0", "-q",
+                 "--voxel-size", "1,0.5,0.5")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    assert read_volume(out).voxel_size == pytest.approx((0.5, 0.25, 0.25))
+
+
 def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path):
     out = tmp_path / "o.ome.tif"
     assert_one_line_error(run("infer", model_file, lr_file, "-o", out, "--max-memory", "0"), "more than 0")
