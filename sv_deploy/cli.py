@@ -40,7 +40,7 @@ def friendly(func):
             # Every partial output is gone by now (removed while unwinding). Leave without interpreter
             # shutdown: a native thread pool (torch, ONNX Runtime) tearing down after a SIGINT could
             # kill the process by the signal (exit -2) instead of the promised 130.
-            click.echo("error: interrupted; no output was written", err=True)
+            click.echo("error: interrupted; the output in progress was not written", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
@@ -77,6 +77,7 @@ input_options = [
     click.option("--axes", help="Axes of the input when the file does not say, e.g. ZYX, CZYX, TZCYX."),
     click.option("--channel", type=int, help="Channel to use when the input has several."),
     click.option("--time", "time_index", type=int, help="Time point to use when the input has several."),
+    click.option("--series", type=click.IntRange(0), help="Image series (e.g. stage position) to use when the file holds several."),
     click.option(
         "--voxel-size", callback=_triple(float, "0.5,0.1,0.1"), help="Voxel size z,y,x in micrometres, overriding the file's."
     ),
@@ -89,10 +90,10 @@ def with_input_options(func):
     return func
 
 
-def _read(path, axes, channel, time_index, voxel_size):
+def _read(path, axes, channel, time_index, series, voxel_size):
     from .enhance_file import ReadOptions, read_input
 
-    return read_input(path, ReadOptions(axes, channel, time_index, voxel_size))
+    return read_input(path, ReadOptions(axes, channel, time_index, voxel_size, series))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,6 +108,20 @@ def main():
     Try it on simulated beads first:  sv-deploy demo
     """
     _one_blas_thread()
+    _stop_cleanly_on_termination()
+
+
+def _stop_cleanly_on_termination() -> None:
+    """SIGTERM (kill, a scheduler) and SIGHUP (the terminal closed) end the run as Ctrl-C does, so
+    the temporary output is removed on the way out instead of being left beside the final name."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.default_int_handler)
 
 
 def _one_blas_thread() -> None:
@@ -152,7 +167,7 @@ def _csv(values) -> str:
 @with_input_options
 @friendly
 def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate, seed, ema, mid_layers, groups,
-          members, device, overwrite, quiet, axes, channel, time_index, voxel_size):
+          members, device, overwrite, quiet, axes, channel, time_index, series, voxel_size):
     """Train a Self-Vision model on INPUT itself (no ground truth needed).
 
     \b
@@ -178,7 +193,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     out = check_output_path(output, overwrite)
     if mid_layers < 0 or groups < 1 or 6 % groups:
         raise UserError("--mid-layers must be >= 0 and --groups must divide 6 (1, 2, 3 or 6)")
-    vol = _read(input_path, axes, channel, time_index, voxel_size)
+    vol = _read(input_path, axes, channel, time_index, series, voxel_size)
     factors = parse_scale(scale, is_2d=vol.axes == "YX")
     stages = split_stages(factors)
     cfg = TrainConfig.paper(seed) if recipe == "paper" else TrainConfig(seed=seed)
@@ -206,7 +221,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     low, high = percentiles(vol.data, norm)
     trained, reports = train_stages(
         normalize(vol.data, low, high), stages, arch, cfg, dev, progress=not quiet,
-        log=lambda m: click.echo(m, err=True), value_range=valid_range(vol.dtype, low, high),
+        log=lambda m: click.echo(m, err=True), value_range=valid_range(vol.dtype, low, high, vol.data.min()),
     )
     provenance = Provenance(
         input_name=Path(input_path).name,
@@ -268,7 +283,7 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
 @with_input_options
 @friendly
 def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype, backend, device, watch_dir, settle,
-          exit_when_idle, overwrite, quiet, axes, channel, time_index, voxel_size):
+          exit_when_idle, overwrite, quiet, axes, channel, time_index, series, voxel_size):
     """Enhance INPUT(s) with MODEL; write OME-TIFFs with the voxel size divided by the factors.
 
     MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'. It is loaded once for
@@ -291,18 +306,22 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     paths = _expand(inputs)
     if not paths and not watch_dir:
         raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
-    single = len(paths) == 1 and not watch_dir and not output.endswith(("/", "\\")) and not Path(output).is_dir()
+    why_folder = ("--watch is on" if watch_dir else f"there are {len(paths)} inputs" if len(paths) > 1
+                  else f"INPUT {inputs[0]} is a glob" if any(_is_glob(i) for i in inputs) else None)
+    single = why_folder is None and not output.endswith(("/", "\\")) and not Path(output).is_dir()
     if single:
         _tiff_output(output, overwrite)
         if Path(output).resolve() == Path(paths[0]).resolve():
             raise UserError(f"-o {output} is the input itself; write the enhanced volume to another file")
+    elif why_folder and output.lower().endswith(TIFF_SUFFIXES) and not Path(output).is_dir():
+        raise UserError(f"-o {output} names one file, but {why_folder}: give a folder, e.g. -o enhanced/")
     budget = parse_size(max_memory) if max_memory is not None else None
     if budget is not None and budget <= 0:
         raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     config, runner = open_backend(model, backend, device, log=log)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters)
-    read = ReadOptions(axes, channel, time_index, voxel_size)
+    read = ReadOptions(axes, channel, time_index, voxel_size, series)
 
     tile = tile or getattr(runner, "tile", None)  # a TensorRT engine brings the tile it was built for
 
@@ -323,27 +342,55 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             raise UserError(f"--watch folder {folder} does not exist")
         if folder.resolve() == outdir.resolve():
             raise UserError("-o must be another folder than --watch, or outputs would be enhanced again")
-    outdir.mkdir(parents=True, exist_ok=True)
     factors = config.total_factors()
-    done, failed = [], []
+    out_of = lambda path: outdir / output_name(path, factors, read)  # noqa: E731
+    _check_distinct_outputs(paths, out_of)
+    outdir.mkdir(parents=True, exist_ok=True)
+    done, skipped, failed = [], [], []
+    written = {}  # output -> the input it was made from in this run
+    current = []  # the input being enhanced, for the message when interrupted
 
     def handle(path):
-        out = outdir / output_name(path, factors)
+        out = out_of(path)
+        source = str(Path(path).resolve())
         try:
+            if written.get(out, source) != source:
+                raise UserError(f"its output {out} was already written from {written[out]} in this run; "
+                                "rename one of the two files")
             if out.exists() and not overwrite:
-                raise UserError(f"{out} already exists; pass --overwrite to replace it")
+                skipped.append(path)
+                log(f"skipped {path}: {out} already exists (pass --overwrite to replace it)")
+                return
+            current.append(path)
             done.append(run_one(path, out))
+            current.clear()
+            written[out] = source
+            if path in failed:  # a watched file that failed half-written and has now gone through
+                failed.remove(path)
             if len(done) == 1:
                 log(f"time to first output: {time.perf_counter() - start:.1f} s")
         except UserError as exc:
+            current.clear()
             failed.append(path)
-            log(f"error: {path}: {exc}")
+            log(f"error: {exc}" if str(path) in str(exc) else f"error: {path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - one bad acquisition must not end a batch or a watch
+            current.clear()
             failed.append(path)
             log(f"error: {path}: unexpected {type(exc).__name__}: {exc}; skipped")
 
-    for path in paths:
-        handle(path)
+    def summary() -> str:
+        return (f"enhanced {len(done)} file(s), {len(failed)} failed"
+                + (f" ({', '.join(map(str, failed))})" if failed else "")
+                + (f", {len(skipped)} skipped (output exists)" if skipped else ""))
+
+    try:
+        for path in paths:
+            handle(path)
+    except KeyboardInterrupt:
+        if current:
+            log(f"interrupted while enhancing {current[0]}; its output was not written")
+        log(summary())
+        raise
     if watch_dir:
         from .watch import watch
 
@@ -351,12 +398,30 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         seen = {str(Path(p).resolve()) for p in paths}
         try:
             watch(folder, handle, settle=settle, idle_exit=exit_when_idle,
-                  skip=lambda p: str(Path(p).resolve()) in seen)
+                  skip=lambda p: str(Path(p).resolve()) in seen, log=log)
         except KeyboardInterrupt:
+            if current:
+                log(f"interrupted while enhancing {current[0]}; its output was not written (it is enhanced "
+                    "on the next run)")
             log("stopped watching")
-    log(f"enhanced {len(done)} file(s), {len(failed)} failed")
+    log(summary())
     if failed:
         sys.exit(1)
+
+
+def _check_distinct_outputs(paths, out_of) -> None:
+    """Two inputs with the same name (d1/x.tif, d2/x.tif, x.tiff) would write one output: refuse first."""
+    planned = {}
+    for path in paths:
+        out = out_of(path)
+        if out in planned and Path(planned[out]).resolve() != Path(path).resolve():
+            raise UserError(f"{planned[out]} and {path} would both be written to {out}; enhance them in "
+                            "separate runs with different -o folders, or rename one")
+        planned[out] = path
+
+
+def _is_glob(item: str) -> bool:
+    return any(ch in item for ch in "*?[") and not Path(item).exists()
 
 
 def _expand(inputs) -> list:
@@ -365,7 +430,7 @@ def _expand(inputs) -> list:
 
     paths = []
     for item in inputs:
-        if any(ch in item for ch in "*?[") and not Path(item).exists():
+        if _is_glob(item):
             matches = sorted(glob.glob(item))
             if not matches:
                 raise UserError(f"no files match '{item}'")
@@ -384,10 +449,11 @@ def _expand(inputs) -> list:
 @click.option("--axes", help="Axes of REFERENCE and --lowres when the files do not say, e.g. ZYX, CZYX.")
 @click.option("--channel", type=int, help="Channel of REFERENCE and --lowres when they have several.")
 @click.option("--time", "time_index", type=int, help="Time point of REFERENCE and --lowres when they have several.")
+@click.option("--series", type=click.IntRange(0), help="Image series of REFERENCE and --lowres when they hold several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (scores that are infinite, "
               "for identical volumes, are null).")
 @friendly
-def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index, as_json):
+def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index, series, as_json):
     """Score OUTPUT against REFERENCE (PSNR, 3D SSIM, NRMSE), beside tricubic baselines.
 
     \b
@@ -400,10 +466,10 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     from .evaluate import evaluate as run_evaluate, format_table
     from .volume_io import check_not_constant, read_volume
 
-    ref_vol = read_volume(reference, axes=axes, channel=channel, time=time_index)
+    ref_vol = read_volume(reference, axes=axes, channel=channel, time=time_index, series=series)
     check_not_constant(ref_vol, str(reference))  # no data range to score against
     out = read_volume(output_path).data
-    lr = read_volume(lowres, axes=axes, channel=channel, time=time_index).data if lowres else None
+    lr = read_volume(lowres, axes=axes, channel=channel, time=time_index, series=series).data if lowres else None
     rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
         report = {"reference": str(reference), "rows": [r.to_dict() for r in rows]}
@@ -554,25 +620,34 @@ def bench(outdir, quick, runs, min_seconds, only, select, no_training, repeated_
 @click.argument("model", type=click.Path(dir_okay=False))
 @friendly
 def info(model):
-    """Show a model's configuration and training provenance (JSON): a .svmodel or its .onnx export.
+    """Show a model's configuration and training provenance (JSON): a .svmodel, its .onnx export
+    (both checked against their checksum first) or a TensorRT engine manifest (.trt.json).
 
     \b
     Examples:
       sv-deploy info stack.svmodel
       sv-deploy info export/stack.onnx
+      sv-deploy info export/stack.plugin.trt.json
     """
-    if model.lower().endswith(".onnx"):
+    if model.lower().endswith(".json"):
+        from .trt_engine import read_manifest
+
+        manifest = read_manifest(model)
+        shown = json.loads(manifest.to_json())
+        shown["config"] = json.loads(manifest.config)
+    elif model.lower().endswith(".onnx"):
         from .onnx_graph import read_metadata
-        from .ort_backend import load_onnx
+        from .ort_backend import load_onnx, onnx_config
 
-        meta = read_metadata(load_onnx(model))
-        shown = {"source_sha256": meta.get("source_sha256"), "precision": meta.get("precision"),
-                 "config": json.loads(meta["config"])}
+        graph = load_onnx(model)  # verifies the export's digest
+        meta = read_metadata(graph)
+        shown = {"sha256": meta["sha256"], "checksum": "verified", "source_sha256": meta.get("source_sha256"),
+                 "precision": meta.get("precision"), "config": json.loads(onnx_config(graph).to_json())}
     else:
-        from .model_file import read_header
+        from .model_file import load_model
 
-        meta = read_header(model)
-        shown = {"sha256": meta["sha256"], "config": json.loads(meta["config"])}
+        config, _, digest = load_model(model)  # verifies the checksum over weights and config
+        shown = {"sha256": digest, "checksum": "verified", "config": json.loads(config.to_json())}
     click.echo(json.dumps(shown, indent=2))
 
 

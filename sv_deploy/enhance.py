@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from .backends import Backend
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .geometry import ensemble_transforms, forward, inverse
+from .progress import progress_bar
 from .resize import downsample, round_trip, upsample
 from .tiling import Tile, block_core, plan_tiles, slabs, to_slices, total_halo
 
@@ -138,19 +138,47 @@ def iter_slabs(
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, factors)
     out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
-    bar = tqdm(total=len(tiles), desc="enhance", unit="tile", disable=None if progress else True, leave=False)
+    bar = progress_bar(sum(tile_work(t, stages, options.ensemble) for t in tiles), "enhance", "vox", progress,
+                       unit_scale=True)
+    counting = _Counting(backend, bar)
     try:
+        done = 0
         for group in slabs(tiles):
             z0, z1 = group[0].out[0]
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
                 margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-                block = enhance_block(backend, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
+                counting.limit = done + tile_work(tile, stages, options.ensemble)
+                block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
                 _fill(slab, tile, block)
-                bar.update(1)
+                bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
+                done = counting.limit
             yield (z0, z1), slab
     finally:
         bar.close()
+
+
+def tile_work(tile: Tile, stages: Sequence[Factors], ensemble: bool) -> int:
+    """Voxels the network reads for a tile, about (each stage on the whole read region): the unit of
+    the progress bar, which a volume in one tile would otherwise leave at 0/1 until the end."""
+    voxels, total = int(np.prod([r1 - r0 for r0, r1 in tile.read])), 0
+    for factors in stages:
+        total += voxels * len(ensemble_transforms(factors, ensemble))
+        voxels *= int(np.prod(factors))
+    return total
+
+
+class _Counting:
+    """A backend that moves the progress bar by the voxels of each network pass, up to `limit`."""
+
+    def __init__(self, backend: Backend, bar):
+        self.backend, self.bar, self.limit = backend, bar, 0
+        self.name = backend.name
+
+    def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
+        y = self.backend.predict(stage, x)
+        self.bar.update(max(0, min(x.size, self.limit - self.bar.n)))
+        return y
 
 
 def _fill(slab: np.ndarray, tile: Tile, core: np.ndarray) -> None:

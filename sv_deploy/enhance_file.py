@@ -30,6 +30,7 @@ class ReadOptions:
     channel: Optional[int] = None
     time: Optional[int] = None
     voxel_size: Optional[Tuple[float, float, float]] = None
+    series: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class FileResult:
 
 
 def read_input(path, read: ReadOptions) -> Volume:
-    vol = read_volume(path, axes=read.axes, channel=read.channel, time=read.time)
+    vol = read_volume(path, axes=read.axes, channel=read.channel, time=read.time, series=read.series)
     check_not_constant(vol, str(path))
     if read.voxel_size is not None:
         vol = Volume(vol.data, vol.axes, read.voxel_size, vol.source_axes)
@@ -88,11 +89,15 @@ def enhance_file(
             f"{'x'.join(map(str, vol.data.shape))} (z,y,x) stack; train on the stack itself (--scale 1,2,2)"
         )
     dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
+    if dtype.kind in "ui" and dtype.itemsize > 4:
+        raise UserError(f"{input_path} is stored as {dtype}, which OME-TIFF cannot hold; pass --dtype float32 "
+                        "(or --dtype uint16 when its values fit)")
     check_output_dtype(vol.data, dtype, out_dtype)
     unknown = [a for a, v in zip("zyx", vol.voxel_size) if v is None and (a != "z" or vol.axes != "YX")]
     if unknown:
+        how = "1,y,x (z is not used for a 2D image)" if vol.axes == "YX" else "z,y,x"
         log(f"warning: {input_path} does not give its voxel size in {', '.join(unknown)} (or in a unit this "
-            "reader knows), so the output will not either; set it with --voxel-size z,y,x (micrometres)")
+            f"reader knows), so the output will not either; set it with --voxel-size {how} (micrometres)")
     low, high = percentiles(vol.data, config.norm)
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start
@@ -110,7 +115,7 @@ def enhance_file(
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "
         f"tile {'x'.join(map(str, tile))}, network passes of up to {options.block:,} voxels"
     )
-    value_range = valid_range(vol.dtype, low, high)
+    value_range = valid_range(vol.dtype, low, high, vol.data.min())
     voxel = scaled_voxel_size(vol.voxel_size, factors)
     while True:
         compute = [0.0]
@@ -148,12 +153,16 @@ def enhance_file(
     )
 
 
-def output_name(input_path, factors) -> str:
-    """stack.tif -> stack_x2.ome.tif (x1x2x2 for per-axis factors)."""
+def output_name(input_path, factors, read: ReadOptions = ReadOptions()) -> str:
+    """stack.tif -> stack_x2.ome.tif (x1x2x2 for per-axis factors; stack_s1_c0_t3_x2.ome.tif when a
+    series, channel or time point is picked, so each pick of one file gets its own output)."""
     name = Path(input_path).name
     for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
+    for letter, index in (("s", read.series), ("c", read.channel), ("t", read.time)):
+        if index is not None:
+            name += f"_{letter}{index}"
     tag = str(factors[0]) if len(set(factors)) == 1 else "x".join(map(str, factors))
     return f"{name}_x{tag}.ome.tif"

@@ -11,7 +11,7 @@ from .config import Factors
 from .enhance import back_project
 from .errors import UserError
 from .metrics import Scores, match_minmse, score
-from .normalize import clip_to_dtype
+from .normalize import output_bounds
 from .resize import upsample
 
 
@@ -63,10 +63,10 @@ def evaluate(
         factors = infer_factors(reference.shape, lowres.shape)
         lr = lowres.astype(np.float32)
         cubic = upsample(lr, factors)
-        # baselines clamped to the input's pixel-type range, as our written output is
-        rows.append(score_row("tricubic", clip_to_dtype(cubic, lowres.dtype), reference))
+        bounds = output_bounds(lowres.dtype, float(lowres.min()))  # clamped as our written output is
+        rows.append(score_row("tricubic", np.clip(cubic, *bounds), reference))
         if bp_iters > 0:
-            bp = clip_to_dtype(back_project(cubic, lr, factors, bp_iters), lowres.dtype)
+            bp = np.clip(back_project(cubic, lr, factors, bp_iters), *bounds)
             rows.append(score_row(f"tricubic + back-projection ({bp_iters} it)", bp, reference))
     return rows
 

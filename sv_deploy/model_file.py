@@ -61,7 +61,11 @@ def read_header(path: os.PathLike | str) -> Dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not an sv-deploy model file ({exc}); train one with 'sv-deploy train'") from None
+        if path.suffix.lower() in (".tif", ".tiff"):
+            raise UserError(f"{path} is an image, not a model file; the model comes first: "
+                            "sv-deploy infer MODEL INPUT -o OUTPUT") from None
+        raise UserError(f"{path} is not an sv-deploy model file, or it is truncated or damaged ({exc}); "
+                        "train one with 'sv-deploy train' or get a fresh copy") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is a safetensors file but not an sv-deploy model; train one with 'sv-deploy train'")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -77,11 +81,14 @@ def load_model(path: os.PathLike | str):
     meta = read_header(path)
     try:
         tensors = load_file(str(path))
-        config = ModelConfig.from_json(meta["config"])
-    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); re-export or re-train the model") from None
-    if _checksum(meta["config"], tensors) != meta.get("sha256"):
+    except (SafetensorError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); get a fresh copy or re-train the model") from None
+    if "config" not in meta or _checksum(meta["config"], tensors) != meta.get("sha256"):
         raise UserError(f"{path} fails its checksum: the file is corrupt or was edited; get a fresh copy")
+    try:  # the checksum holds, so a config that does not parse comes from a newer or foreign writer
+        config = ModelConfig.from_json(meta["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: its config cannot be read ({exc}); use the sv-deploy release that made it") from None
     stages = []
     for i, factors in enumerate(config.stages):
         stage = SVStage(factors, config.arch)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Tuple
 
 import numpy as np
 
@@ -35,6 +36,21 @@ def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) ->
     return cast(y, dtype, inplace=True)
 
 
+def output_bounds(dtype: np.dtype, data_min: float) -> Tuple[float, float]:
+    """The (low, high) values an output may take, in the input's units.
+
+    The pixel type's range, and nothing below zero unless the input itself goes below zero: an
+    undershoot of the sharpening under a dark background is an artefact, not signal, and the same
+    data must come out the same whether it is stored as uint16, int32 or float32.
+    """
+    dtype = np.dtype(dtype)
+    low, high = min(0.0, float(data_min)), math.inf
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        low, high = max(low, float(info.min)), float(info.max)
+    return low, high
+
+
 def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Clamp to an integer pixel type's range (floats pass unchanged); values stay float."""
     dtype = np.dtype(dtype)
@@ -61,14 +77,11 @@ def cast(x: np.ndarray, dtype: np.dtype, inplace: bool = False) -> np.ndarray:
     return x.astype(dtype)
 
 
-def valid_range(dtype: np.dtype, low: float, high: float) -> Optional[Tuple[float, float]]:
-    """The input dtype's representable range in normalized units; None for floats (no bound)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "ui":
-        return None
-    info = np.iinfo(dtype)
+def valid_range(dtype: np.dtype, low: float, high: float, data_min: float) -> Tuple[float, float]:
+    """`output_bounds` in normalized units (what each stage's result is clamped to)."""
+    lo, hi = output_bounds(dtype, data_min)
     scale = 1.0 / (high - low)
-    return ((info.min - low) * scale, (info.max - low) * scale)
+    return ((lo - low) * scale, (hi - low) * scale)
 
 
 def check_output_dtype(data: np.ndarray, dtype: np.dtype, option: str) -> None:

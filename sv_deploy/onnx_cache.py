@@ -2,7 +2,7 @@
 
 ONNX Runtime is the faster CPU path (benchmarks/BENCH.md), but exporting costs seconds; the export
 is written once under the cache folder, named by the model's checksum and the versions that made
-it, and checked against that checksum when read back. The cache is only a speed-up: when it cannot
+it, and checked against that checksum and its own digest when read back. The cache is only a speed-up: when it cannot
 be written the export stays in memory.
 """
 
@@ -36,7 +36,7 @@ def cache_path(sha256: str, folder: Optional[Path] = None) -> Path:
 def _matches(path: Path, sha256: str) -> Optional[onnx.ModelProto]:
     try:
         model = onnx.load(str(path))
-        meta = onnx_graph.read_metadata(model)
+        meta = onnx_graph.verify(model)  # an edited entry fails its digest and is rebuilt
     except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
         return None
     return model if meta.get("source_sha256") == sha256 else None

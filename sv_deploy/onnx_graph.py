@@ -6,6 +6,7 @@ Kept free of torch so ONNX Runtime and TensorRT users read the file with onnx al
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Dict, List, Sequence
 
@@ -17,7 +18,7 @@ from . import shuffle_op
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads at most IR 13; TensorRT 10 parsers want <= 10
 META_FORMAT = "sv-deploy-onnx"
 META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision",
-             "source_sha256", "versions")
+             "source_sha256", "versions", "sha256")
 
 
 def shuffle_function(opset: int) -> onnx.FunctionProto:
@@ -93,10 +94,37 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
     if not any(o.domain == shuffle_op.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(shuffle_op.DOMAIN, 1))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    metadata = {k: v for k, v in metadata.items() if k != "sha256"}
+    metadata["sha256"] = digest(model, metadata)
     del model.metadata_props[:]
     helper.set_model_props(model, {f"sv_deploy.{k}": v for k, v in metadata.items()})
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def digest(model: onnx.ModelProto, metadata: Dict[str, str]) -> str:
+    """SHA-256 of the graph, its functions and our metadata (all but this digest).
+
+    An ONNX file is plain protobuf that any tool can edit; the digest lets a reader refuse an export
+    whose weights or stored config were changed afterwards, as the .svmodel checksum does.
+    """
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for function in model.functions:
+        h.update(function.SerializeToString(deterministic=True))
+    for key in sorted(metadata):
+        if key != "sha256":
+            h.update(json.dumps([key, metadata[key]]).encode())
+    return h.hexdigest()
+
+
+def verify(model: onnx.ModelProto) -> Dict[str, str]:
+    """Our metadata, once the digest matches and the stage boundaries fit the graph (ValueError if not)."""
+    meta = read_metadata(model)
+    if "sha256" not in meta:
+        raise ValueError("it has no checksum (made by an older sv-deploy)")
+    if digest(model, meta) != meta["sha256"]:
+        raise ValueError("its graph, weights or metadata were changed after export")
+    return meta
 
 
 def read_metadata(model: onnx.ModelProto) -> Dict[str, str]:

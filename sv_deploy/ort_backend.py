@@ -33,6 +33,10 @@ def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         onnx_graph.read_metadata(model)
     except ValueError as exc:
         raise UserError(f"{path} is not an sv-deploy ONNX export ({exc}); create one with 'sv-deploy export'") from None
+    try:
+        onnx_graph.verify(model)
+    except ValueError as exc:
+        raise UserError(f"{path} fails its checksum: {exc}; export it again with 'sv-deploy export'") from None
     return model
 
 

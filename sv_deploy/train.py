@@ -10,13 +10,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .backends import TorchBackend
 from .config import ArchConfig, Factors, Shape3, StageReport, TrainConfig
 from .enhance import InferenceOptions, enhance_volume
 from .errors import UserError
 from .model import SVStage, merge_members
+from .progress import progress_bar
 from .resize import downsample
 
 MIN_LR_PATCH_YX = 8
@@ -173,8 +173,8 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     interp_loss = _mse(stage, val_lr, val_hr, cfg.batch, stage.interpolate)
     best_loss, best_step, best_state = _mse(stage, val_lr, val_hr, cfg.batch), 0, copy.deepcopy(stage.state_dict())
     train_loss = float("nan")
-    bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", disable=None if progress else True, leave=False)
-    for step in bar:
+    bar = progress_bar(cfg.steps, label, "step", progress)
+    for step in range(1, cfg.steps + 1):
         lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(train_vol, patch, cfg.batch, rng), factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
         opt.zero_grad(set_to_none=True)
@@ -191,6 +191,7 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
             if val_loss < best_loss:
                 best_loss, best_step, best_state = val_loss, step, copy.deepcopy(averaged.state_dict())
             bar.set_postfix(loss=f"{train_loss:.2e}", val=f"{val_loss:.2e}", gain=f"{_db(interp_loss, best_loss):+.2f}dB")
+        bar.update(1)
     bar.close()
     stage.load_state_dict(best_state)
     if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -14,6 +16,9 @@ import numpy as np
 import tifffile
 
 from .errors import UserError
+
+# tifffile logs its own complaints about odd metadata; the reader's error (or the data) says what matters
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 VoxelSize = Tuple[Optional[float], Optional[float], Optional[float]]
 UNKNOWN: VoxelSize = (None, None, None)
@@ -42,6 +47,15 @@ class Volume:
         return self.data.dtype
 
 
+def _positive(value) -> Optional[float]:
+    """A voxel size the output can carry (OME's PositiveFloat); 0, negative or unreadable is unknown."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def _unit_factor(unit: Optional[str]) -> Optional[float]:
     if unit is None:
         return None
@@ -57,38 +71,40 @@ def _resolution_um(page, unit_factor: Optional[float]) -> Tuple[Optional[float],
             sizes.append(None)
             continue
         num, den = t.value
-        sizes.append(unit_factor * den / num if num else None)
+        sizes.append(_positive(unit_factor * den / num) if num else None)
     return sizes[0], sizes[1]
 
 
-def _ome_voxel_size(xml: str) -> VoxelSize:
+def _ome_voxel_size(xml: str, index: int = 0) -> VoxelSize:
+    """PhysicalSize of the index-th OME Image (series), in micrometres."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return UNKNOWN
-    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    images = [el for el in root if el.tag.endswith("}Image") or el.tag == "Image"]
+    image = images[index] if index < len(images) else root
+    pixels = next((el for el in image.iter() if el.tag.endswith("Pixels")), None)
     if pixels is None:
         return UNKNOWN
     out = []
     for ax in "ZYX":
         value = pixels.get(f"PhysicalSize{ax}")
         factor = _unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"))
-        out.append(float(value) * factor if value is not None and factor else None)
+        out.append(_positive(value) * factor if _positive(value) and factor else None)
     return tuple(out)  # type: ignore
 
 
-def _read_voxel_size(tif: tifffile.TiffFile) -> VoxelSize:
+def _read_voxel_size(tif: tifffile.TiffFile, index: int, page) -> VoxelSize:
     if tif.is_ome and tif.ome_metadata:
-        size = _ome_voxel_size(tif.ome_metadata)
+        size = _ome_voxel_size(tif.ome_metadata, index)
         if any(s is not None for s in size):
             return size
-    page = tif.pages[0]
     if tif.is_imagej and tif.imagej_metadata:
         meta = tif.imagej_metadata
         factor = _unit_factor(meta.get("unit"))
         y, x = _resolution_um(page, factor)
-        z = meta.get("spacing")
-        return (float(z) * factor if z is not None and factor else None, y, x)
+        z = _positive(meta.get("spacing"))
+        return (z * factor if z and factor else None, y, x)
     unit = page.tags.get("ResolutionUnit")
     if unit is not None and int(unit.value) == 3:  # centimetre; inch values are mostly 72 dpi defaults
         y, x = _resolution_um(page, 1e4)
@@ -127,6 +143,14 @@ def _guess_axes(tif_axes: str, ndim: int) -> str:
     axes = tif_axes.upper()
     if ndim == 3 and axes[-2:] == "YX" and axes[0] in "QI":
         return "ZYX"
+    if "S" in axes and not any(a in "QI" for a in axes):
+        # RGB and other samples-per-pixel images: the samples are channels
+        example = axes.replace("S", "C")
+        stack = "; if it is a short z-stack saved that way, --axes ZYX" if axes == "SYX" else ""
+        raise UserError(
+            f"this image stores several samples per pixel (RGB; tifffile reads '{tif_axes}'): "
+            f"pick one as a channel with --axes {example} --channel N{stack}"
+        )
     if any(a in "QIS" for a in axes):
         raise UserError(
             f"the axes of this {ndim}D image are ambiguous (tifffile reads '{tif_axes}'); "
@@ -135,12 +159,36 @@ def _guess_axes(tif_axes: str, ndim: int) -> str:
     return axes
 
 
+def _pick_series(tif: tifffile.TiffFile, series: Optional[int], path: Path):
+    """The series to read: the one asked for, or the first when it is clearly the main image (more
+    voxels than any other, as with thumbnails or previews stored after it)."""
+    found = tif.series
+    if not found:
+        raise UserError(f"{path} holds no image data; give a .tif/.tiff volume")
+    shapes = ", ".join(f"{i}: {'x'.join(map(str, s.shape))} {s.axes}" for i, s in enumerate(found))
+    if series is not None:
+        if not 0 <= series < len(found):
+            raise UserError(f"--series {series} is out of range: {path} holds {len(found)} series ({shapes})")
+        return series, found[series]
+    sizes = [int(np.prod(s.shape)) for s in found]
+    if len(found) > 1 and any(n >= sizes[0] for n in sizes[1:]):
+        raise UserError(
+            f"{path} holds {len(found)} image series (positions or views: {shapes}); pick one with --series N"
+        )
+    return 0, found[0]
+
+
 def read_volume(
     path: os.PathLike | str,
     axes: Optional[str] = None,
     channel: Optional[int] = None,
     time: Optional[int] = None,
+    series: Optional[int] = None,
 ) -> Volume:
+    """The ZYX (or YX) volume of one series, channel and time point, with its voxel size in micrometres.
+
+    float16 is read as float32: OME-TIFF, the output, has no 16-bit float type.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -148,10 +196,10 @@ def read_volume(
         raise UserError(f"{path} is a directory; give a TIFF file")
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            tif_axes = series.axes
-            voxel = _read_voxel_size(tif)
+            index, chosen = _pick_series(tif, series, path)
+            data = chosen.asarray()
+            tif_axes = chosen.axes
+            voxel = _read_voxel_size(tif, index, chosen.keyframe)
     except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
         raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
     except OSError as exc:
@@ -169,6 +217,8 @@ def read_volume(
     data, axes = _select(data, axes, channel, time)
     if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
         raise UserError(f"{path}: pixel type {data.dtype} is not supported; use integer or float images")
+    if data.dtype == np.float16:
+        data = data.astype(np.float32)
     if axes == "YX":
         data = data[None]
         voxel = (None, voxel[1], voxel[2])

@@ -2,7 +2,9 @@
 
 A file counts as complete when its size and modification time have not changed for `settle`
 seconds: microscope software writes a stack over seconds to minutes, and reading it early would
-give a truncated volume.
+give a truncated volume. A writer can still pause for longer than that, so a file is handed over
+again whenever it changes after it was handed over (a read that failed on a half-written file is
+retried once the file is complete).
 """
 
 from __future__ import annotations
@@ -17,24 +19,28 @@ Stamp = Tuple[int, float]  # (size, mtime)
 
 
 class SettleTracker:
-    """Pure bookkeeping: which files have kept the same stamp for `settle` seconds."""
+    """Pure bookkeeping: which files have kept the same stamp for `settle` seconds since they were
+    last handed over (or first seen)."""
 
     def __init__(self, settle: float):
         self.settle = settle
         self._since: Dict[str, Tuple[Stamp, float]] = {}
-        self.done: set = set()
+        self.done: Dict[str, Stamp] = {}  # path -> its stamp when handed over
+
+    def pending(self, snapshot: Dict[str, Stamp]) -> bool:
+        return any(self.done.get(p) != stamp for p, stamp in snapshot.items())
 
     def ready(self, snapshot: Dict[str, Stamp], now: float) -> List[str]:
         out = []
         for path, stamp in sorted(snapshot.items()):
-            if path in self.done:
+            if self.done.get(path) == stamp:
                 continue
             seen = self._since.get(path)
             if seen is None or seen[0] != stamp:
                 self._since[path] = (stamp, now)
             elif now - seen[1] >= self.settle:
                 out.append(path)
-                self.done.add(path)
+                self.done[path] = stamp
         for path in list(self._since):
             if path not in snapshot:
                 del self._since[path]
@@ -42,23 +48,42 @@ class SettleTracker:
 
 
 def snapshot(folder: Path) -> Dict[str, Stamp]:
+    """(size, mtime) of each TIFF in folder; files that vanish while it is listed are left out."""
     stamps = {}
     for entry in os.scandir(folder):
-        if entry.is_file() and entry.name.lower().endswith(TIFF_SUFFIXES) and not entry.name.startswith("."):
-            st = entry.stat()
-            stamps[entry.path] = (st.st_size, st.st_mtime)
+        if entry.name.lower().endswith(TIFF_SUFFIXES) and not entry.name.startswith("."):
+            try:
+                if entry.is_file():
+                    st = entry.stat()
+                    stamps[entry.path] = (st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                continue
     return stamps
 
 
 def watch(folder: Path, handle: Callable[[str], None], settle: float = 2.0, poll: float = 0.5,
-          idle_exit: Optional[float] = None, skip: Callable[[str], bool] = lambda p: False) -> None:
-    """Call `handle(path)` for each completed TIFF in `folder`, oldest first, until Ctrl-C or idle."""
+          idle_exit: Optional[float] = None, skip: Callable[[str], bool] = lambda p: False,
+          log: Callable[[str], None] = print) -> None:
+    """Call `handle(path)` for each completed TIFF in `folder`, in name order, until Ctrl-C or idle.
+
+    A folder that cannot be listed (a network share gone away) is waited for, not fatal."""
     tracker = SettleTracker(settle)
     last_activity = time.monotonic()
+    unreachable = False
     while True:
         now = time.monotonic()
-        stamps = snapshot(folder)
-        if any(p not in tracker.done for p in stamps):
+        try:
+            stamps = snapshot(folder)
+        except OSError as exc:
+            if not unreachable:
+                log(f"warning: cannot list {folder} ({exc.strerror or exc}); waiting for it to come back")
+            unreachable = True
+            stamps = {}
+        else:
+            if unreachable:
+                log(f"{folder} is back; watching again")
+            unreachable = False
+        if tracker.pending(stamps):
             last_activity = now
         for path in tracker.ready(stamps, now):
             if not skip(path):

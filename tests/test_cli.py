@@ -134,7 +134,7 @@ def test_existing_output_is_kept_without_overwrite(model_file, lr_file, tmp_path
 
 def test_model_that_is_not_ours_or_edited(model_file, lr_file, tmp_path):
     out = tmp_path / "out.ome.tif"
-    assert_one_line_error(run("infer", lr_file, lr_file, "-o", out), "not an sv-deploy model")
+    assert_one_line_error(run("infer", lr_file, lr_file, "-o", out), "is an image, not a model file")
     raw = bytearray(model_file.read_bytes())
     raw[-5] ^= 0x55
     edited = tmp_path / "edited.svmodel"
@@ -143,7 +143,8 @@ def test_model_that_is_not_ours_or_edited(model_file, lr_file, tmp_path):
     assert not out.exists()
 
 
-def test_ctrl_c_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop, sig):
     big = tmp_path / "big.tif"
     data = np.tile(flybrain_crop, (2, 1, 1))
     write_volume(big, [data], data.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
@@ -153,17 +154,17 @@ def test_ctrl_c_mid_run_leaves_no_output(model_file, tmp_path, flybrain_crop):
         [sys.executable, "-m", "sv_deploy", "infer", str(model_file), str(big), "-o", str(out), "--tile", "8,32,32"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
         # a test run started in the background of a shell ignores SIGINT, and children inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".out.ome.tif.partial-*")):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert err.strip().splitlines()[-1] == "error: interrupted; the output in progress was not written"
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.ome.tif.partial-*"))
@@ -215,6 +216,86 @@ def test_default_backend_on_cpu_is_onnxruntime_with_the_export_cached_once(model
     third = run("infer", model_file, lr_file, "-o", tmp_path / "c.ome.tif", *common)
     assert third.exit_code == 0 and "does not match" in third.stderr
     assert np.array_equal(read_volume(tmp_path / "c.ome.tif").data, a)
+    # so is an entry that still parses, with its metadata intact, but weights changed
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(cached))
+    for init in graph.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(graph, str(cached))
+    fourth = run("infer", model_file, lr_file, "-o", tmp_path / "d.ome.tif", *common)
+    assert fourth.exit_code == 0 and "does not match" in fourth.stderr
+    assert np.array_equal(read_volume(tmp_path / "d.ome.tif").data, a)
+
+
+def test_an_edited_export_or_model_is_refused_by_infer_and_info(model_file, lr_file, tmp_path):
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    assert run("export", model_file, "-o", tmp_path / "exp").exit_code == 0
+    exported = tmp_path / "exp" / "small.onnx"
+    info = run("info", exported)
+    assert info.exit_code == 0 and json.loads(info.output)["checksum"] == "verified"
+
+    def edited(name, change):
+        graph = onnx.load(str(exported))
+        change(graph)
+        path = tmp_path / "exp" / name
+        onnx.save(graph, str(path))
+        return path
+
+    def set_prop(key, value):
+        def change(graph):
+            next(p for p in graph.metadata_props if p.key == key).value = value
+        return change
+
+    def scale_weights(graph):
+        init = next(i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+
+    config = json.loads(next(p.value for p in onnx.load(str(exported)).metadata_props if p.key == "sv_deploy.config"))
+    config["stages"] = [[1, 2, 2]]
+    for path in (edited("garbage.onnx", set_prop("sv_deploy.config", "garbage")),
+                 edited("stages.onnx", set_prop("sv_deploy.config", json.dumps(config))),
+                 edited("tensors.onnx", set_prop("sv_deploy.stage_tensors", "xx")),
+                 edited("weights.onnx", scale_weights)):
+        assert_one_line_error(run("info", path), "fails its checksum")
+        out = tmp_path / f"{path.stem}.ome.tif"
+        assert_one_line_error(run("infer", path, lr_file, "-o", out), "fails its checksum", path.name)
+        assert not out.exists()
+    # a .svmodel whose weights changed: info checks the checksum as infer does
+    raw = bytearray(model_file.read_bytes())
+    raw[-10] ^= 0xFF
+    flipped = tmp_path / "flipped.svmodel"
+    flipped.write_bytes(bytes(raw))
+    assert_one_line_error(run("info", flipped), "fails its checksum")
+    assert json.loads(run("info", model_file).output)["checksum"] == "verified"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_a_64_bit_integer_input_needs_a_dtype_ome_tiff_can_hold(model_file, lr_file, tmp_path, dtype):
+    src = tmp_path / "wide.tif"
+    tifffile.imwrite(src, read_volume(lr_file).data.astype(dtype))
+    out = tmp_path / "wide_x2.ome.tif"
+    assert_one_line_error(run("infer", model_file, src, "-o", out, "-q"), "--dtype float32")
+    assert not out.exists()
+    ok = run("infer", model_file, src, "-o", out, "-q", "--dtype", "float32", "--no-ensemble", "--bp-iters", "0")
+    assert ok.exit_code == 0, ok.output
+    assert read_volume(out).dtype == np.float32
+
+
+def test_a_float16_input_comes_out_as_float32(model_file, lr_file, tmp_path):
+    src = tmp_path / "half.tif"
+    tifffile.imwrite(src, (read_volume(lr_file).data / 255).astype(np.float16))
+    out = tmp_path / "half_x2.ome.tif"
+    result = run("infer", model_file, src, "-o", out, "-q", "--no-ensemble", "--bp-iters", "0")
+    assert result.exit_code == 0, result.output
+    vol = read_volume(out)
+    assert vol.dtype == np.float32 and vol.data.min() >= 0 and vol.data.max() > 0.1
 
 
 def test_export_errors(model_file, lr_file, tmp_path):
@@ -225,7 +306,7 @@ def test_export_errors(model_file, lr_file, tmp_path):
         result = run("export", model_file, "-o", tmp_path / "e", "--engine")
         assert_one_line_error(result, "TensorRT is not installed")
         assert not (tmp_path / "e").exists()
-    assert_one_line_error(run("export", lr_file, "-o", tmp_path / "e2"), "not an sv-deploy model")
+    assert_one_line_error(run("export", lr_file, "-o", tmp_path / "e2"), "is an image, not a model file")
     assert not (tmp_path / "e2").exists()
     not_onnx = tmp_path / "fake.onnx"
     not_onnx.write_bytes(b"\x00not a protobuf at all")
@@ -319,3 +400,28 @@ def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path
     result = run("infer", model_file, lr_file, "-o", out, "--voxel-size", "nan,1,1")
     assert result.exit_code == 2 and "three positive numbers" in result.output and "0.5,0.1,0.1" in result.output
     assert not out.exists()
+
+
+def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_path):
+    import json
+
+    from sv_deploy.model_file import read_header
+    from sv_deploy.trt_plan import EngineManifest, stage_profiles
+    from sv_deploy.config import ModelConfig
+
+    config = ModelConfig.from_json(read_header(model_file)["config"])
+    manifest = EngineManifest(
+        engines=("small.plugin.stage1.engine",), profiles=tuple(stage_profiles(config.stages, config.arch, (8, 32, 32), 10, True)),
+        tile=(8, 32, 32), tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability=(9, 0), plugin=True,
+        plugin_version="1", precision="fp32", source_onnx="small.onnx", source_onnx_sha256="a" * 64,
+        config=config.to_json(), created="2026-11-21T00:00:00+00:00",
+    )
+    path = tmp_path / "small.plugin.trt.json"
+    path.write_text(manifest.to_json())
+    shown = run("info", path)
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.output)
+    assert report["gpu_name"] == "NVIDIA H100" and report["config"]["stages"] == [list(f) for f in config.stages]
+    other = tmp_path / "notes.json"
+    other.write_text('{"hello": 1}')
+    assert_one_line_error(run("info", other), "not an sv-deploy engine manifest")

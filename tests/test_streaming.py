@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from sv_deploy.config import ArchConfig
-from sv_deploy.enhance_file import is_out_of_memory, output_name
+from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name
 from sv_deploy.errors import UserError
 from sv_deploy.memory import choose_tile, parse_size, plan_bytes
 from sv_deploy.pipeline import Aborted, write_behind
 from sv_deploy.volume_io import read_volume, write_volume
-from sv_deploy.watch import SettleTracker
+from sv_deploy.progress import LogProgress
+from sv_deploy.watch import SettleTracker, watch
 
 from test_cli import assert_one_line_error, run
 
@@ -70,6 +71,49 @@ def test_settle_tracker_waits_for_a_stable_file():
     assert t.ready({"a": (20, 2.0)}, now=3.0) == []  # stable for 1.5 s only
     assert t.ready({"a": (20, 2.0)}, now=3.6) == ["a"]
     assert t.ready({"a": (20, 2.0)}, now=9.0) == []  # handed over once
+    # the writer had only paused: the file changes again and is handed over again once stable
+    assert t.ready({"a": (30, 10.0)}, now=10.0) == []
+    assert t.ready({"a": (30, 10.0)}, now=12.5) == ["a"]
+    assert not t.pending({"a": (30, 10.0)}) and t.pending({"a": (30, 10.0), "b": (1, 1.0)})
+
+
+def test_watch_waits_for_a_folder_that_is_gone(tmp_path):
+    lines = []
+    watch(tmp_path / "unplugged", lambda p: None, settle=0.1, poll=0.05, idle_exit=0.3, log=lines.append)
+    assert len(lines) == 1 and "cannot list" in lines[0]
+
+
+def test_log_progress_writes_a_line_now_and_then():
+    clock, lines = [0.0], []
+    bar = LogProgress(200, "enhance", "vox", every=30, clock=lambda: clock[0], write=lines.append)
+    for _ in range(20):
+        clock[0] += 5
+        bar.update(10)
+    assert lines == ["enhance: 30% (30 s, ETA 70 s)", "enhance: 60% (60 s, ETA 40 s)", "enhance: 90% (90 s, ETA 10 s)"]
+
+
+def test_progress_counts_the_network_passes_of_a_single_tile():
+    import torch
+
+    from sv_deploy.backends import TorchBackend
+    from sv_deploy.enhance import InferenceOptions, _Counting, enhance_block, tile_work
+    from sv_deploy.model import SVStage
+    from sv_deploy.tiling import plan_tiles
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    torch.manual_seed(0)
+    backend, bar = TorchBackend([SVStage((2, 2, 2))], torch.device("cpu")), Bar()
+    volume = np.random.default_rng(0).random((6, 20, 20), dtype=np.float32)
+    (tile,) = plan_tiles(volume.shape, (6, 20, 20), (0, 0, 0), (2, 2, 2))
+    counting = _Counting(backend, bar)
+    counting.limit = 10**9
+    enhance_block(counting, [(2, 2, 2)], ArchConfig(), volume, InferenceOptions(bp_iters=0))
+    assert bar.n == tile_work(tile, [(2, 2, 2)], True) == 8 * volume.size  # one pass per ensemble member
 
 
 def test_sizes_and_names():
@@ -80,6 +124,7 @@ def test_sizes_and_names():
         parse_size("lots")
     assert output_name("a/stack.tif", (2, 2, 2)) == "stack_x2.ome.tif"
     assert output_name("b.ome.tiff", (1, 2, 2)) == "b_x1x2x2.ome.tif"
+    assert output_name("h.tif", (2, 2, 2), ReadOptions(channel=1, time=0)) == "h_c1_t0_x2.ome.tif"
     assert is_out_of_memory(MemoryError()) and is_out_of_memory(RuntimeError("CUDA out of memory."))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
@@ -122,6 +167,29 @@ def test_many_inputs_with_one_bad_file(model_file, tmp_path):
         assert out.data.shape == (16, 48, 48) and out.voxel_size == (0.5, 0.25, 0.25)
     assert not (tmp_path / "out" / "acq2_x2.ome.tif").exists()
     assert_one_line_error(run("infer", model_file, str(tmp_path / "none*.tif"), "-o", tmp_path / "o2"), "no files match")
+    # run again: the files already enhanced are skipped, not failed, and kept as they were
+    before = (tmp_path / "out" / "acq0_x2.ome.tif").stat().st_mtime_ns
+    again = run("infer", model_file, *good, "-o", tmp_path / "out", "--bp-iters", "1", "-q")
+    assert again.exit_code == 0, again.output
+    assert "enhanced 0 file(s), 0 failed, 2 skipped (output exists)" in again.stderr
+    assert (tmp_path / "out" / "acq0_x2.ome.tif").stat().st_mtime_ns == before
+
+
+def test_batch_outputs_that_would_collide_or_a_file_name_for_many_are_refused(model_file, tmp_path):
+    data = structured((8, 24, 24))
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        write_volume(tmp_path / folder / "x.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+    out = tmp_path / "out"
+    result = run("infer", model_file, str(tmp_path / "d1" / "*.tif"), str(tmp_path / "d2" / "*.tif"), "-o", out,
+                 "--overwrite")
+    assert_one_line_error(result, "would both be written to", "x_x2.ome.tif")
+    assert not out.exists()
+    two = run("infer", model_file, tmp_path / "d1" / "x.tif", tmp_path / "d2" / "x.tif", "-o", tmp_path / "r.ome.tif")
+    assert_one_line_error(two, "names one file, but there are 2 inputs")
+    glob_one = run("infer", model_file, str(tmp_path / "d1" / "*.tif"), "-o", tmp_path / "g.ome.tif")
+    assert_one_line_error(glob_one, "is a glob")
+    assert not (tmp_path / "r.ome.tif").exists() and not (tmp_path / "g.ome.tif").exists()
 
 
 def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path):
@@ -147,12 +215,16 @@ def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path)
         (incoming / "broken.tif").write_bytes(b"II*\x00garbage")
         time.sleep(1.5)
         (incoming / "second.tif").write_bytes(blob)
+        (incoming / "paused.tif").write_bytes(blob[: len(blob) // 2])  # the writer stalls past --settle...
+        time.sleep(3.0)
+        (incoming / "paused.tif").write_bytes(blob)  # ...then finishes: the file is read again
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 1, err
-    assert "broken.tif" in err and "enhanced 2 file(s), 1 failed" in err
-    for name in ("first", "second"):
+    assert "paused.tif" in err  # its first, truncated read failed
+    assert "enhanced 3 file(s), 1 failed (" in err and "broken.tif)" in err
+    for name in ("first", "second", "paused"):
         assert read_volume(out / f"{name}_x2.ome.tif").data.shape == (16, 48, 48)
 
 

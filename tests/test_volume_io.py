@@ -91,3 +91,62 @@ def test_common_spellings_of_micrometre(tmp_path, unit):
         tifffile.imwrite(ij, data, imagej=True, resolution=(1 / 0.1, 1 / 0.2),  # (x, y) pixels per unit
                          metadata={"unit": unit, "spacing": 0.5, "axes": "ZYX"})
         assert read_volume(ij).voxel_size == pytest.approx((0.5, 0.2, 0.1))
+
+
+def test_a_file_with_several_series_needs_series_and_reads_each_ones_voxel_size(tmp_path):
+    path = tmp_path / "positions.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as w:
+        for value, size in ((1, 0.5), (2, 0.25)):
+            w.write(np.full((4, 16, 16), value, np.uint16),
+                    metadata={"axes": "ZYX", "PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeZ": 4 * size})
+    with pytest.raises(UserError, match="--series N"):
+        read_volume(path)
+    for index, (value, size) in enumerate(((1, 0.5), (2, 0.25))):
+        vol = read_volume(path, series=index)
+        assert vol.data.mean() == value and vol.voxel_size == (4 * size, size, size)
+    with pytest.raises(UserError, match="out of range"):
+        read_volume(path, series=2)
+
+
+def test_a_smaller_series_after_the_image_is_not_in_the_way(tmp_path):
+    path = tmp_path / "with_preview.tif"
+    with tifffile.TiffWriter(path) as w:
+        w.write(np.ones((6, 32, 32), np.uint16))
+        w.write(np.zeros((8, 8), np.uint16))  # a preview stored after the stack
+    assert read_volume(path).data.shape == (6, 32, 32)
+    thumb_first = tmp_path / "thumb_first.tif"
+    with tifffile.TiffWriter(thumb_first) as w:
+        w.write(np.zeros((8, 8), np.uint16))
+        w.write(np.ones((6, 32, 32), np.uint16))
+    with pytest.raises(UserError, match="--series N"):
+        read_volume(thumb_first)
+    assert read_volume(thumb_first, series=1).data.shape == (6, 32, 32)
+
+
+def test_rgb_images_are_explained_and_read_as_channels(tmp_path):
+    path = tmp_path / "rgb.tif"
+    rgb = np.stack([np.full((16, 16), v, np.uint8) for v in (10, 20, 30)], axis=-1)
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    with pytest.raises(UserError, match="--axes YXC --channel N$"):
+        read_volume(path)
+    planar = tmp_path / "short_stack.tif"
+    tifffile.imwrite(planar, np.zeros((3, 16, 16), np.uint8), photometric="rgb", planarconfig="separate")
+    with pytest.raises(UserError, match="--axes CYX --channel N; if it is a short z-stack saved that way, --axes ZYX"):
+        read_volume(planar)
+    assert read_volume(planar, axes="ZYX").data.shape == (3, 16, 16)
+    assert read_volume(path, axes="YXC", channel=1).data.mean() == 20
+
+
+@pytest.mark.parametrize("spacing", [-2.0, 0.0])
+def test_a_voxel_size_that_is_not_positive_is_unknown(tmp_path, spacing):
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, np.zeros((4, 16, 16), np.uint16), imagej=True, resolution=(2, 2),
+                     metadata={"spacing": spacing, "unit": "um", "axes": "ZYX"})
+    assert read_volume(path).voxel_size == (None, 0.5, 0.5)
+
+
+def test_float16_is_read_as_float32(tmp_path):
+    path = tmp_path / "half.tif"
+    tifffile.imwrite(path, np.linspace(0, 1, 6 * 8 * 8, dtype=np.float16).reshape(6, 8, 8), photometric="minisblack")
+    vol = read_volume(path)
+    assert vol.dtype == np.float32 and vol.data.max() == 1.0
