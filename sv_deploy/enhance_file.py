@@ -1,7 +1,7 @@
 """One input file -> one enhanced OME-TIFF: read, normalize, enhance slab by slab, write.
 
 The writer runs one slab behind the compute (`pipeline.write_behind`); the tile is chosen from the
-memory budget unless given; on out-of-memory the file is redone with smaller tiles.
+memory budget unless given; on out-of-memory the file is redone with smaller network passes (and tiles).
 """
 
 from __future__ import annotations
@@ -55,11 +55,23 @@ def read_input(path, read: ReadOptions) -> Volume:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, torch's CUDA OOM, and ONNX Runtime's allocation failures all mean: smaller tiles."""
+    """MemoryError, torch's CUDA OOM, and ONNX Runtime's allocation failures all mean: retry smaller (see `shrink_after_oom`)."""
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()  # ONNX Runtime's exceptions are not RuntimeError subclasses: go by the message
     return "out of memory" in text or "failed to allocate" in text
+
+
+def shrink_after_oom(exc: BaseException, tile: Tuple[int, int, int], block: int):
+    """(tile, block) to retry with. A failed allocation inside a network pass (a GPU, ONNX Runtime)
+    needs smaller passes only: the tile, whose halo is paid once per tile, stays as large as it was.
+    Host memory (MemoryError) holds the tile's arrays, so both shrink; so does the tile once passes
+    cannot get smaller."""
+    smaller_tile = tuple(max(m, t // 2) for t, m in zip(tile, (1, 8, 8)))
+    smaller_block = max(1, block // 2)
+    if isinstance(exc, MemoryError) or smaller_block == block:
+        return smaller_tile, smaller_block
+    return tuple(tile), smaller_block
 
 
 def enhance_file(
@@ -137,8 +149,7 @@ def enhance_file(
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(exc):
                 raise
-            smaller = tuple(max(m, t // 2) for t, m in zip(tile, (1, 8, 8)))
-            block = max(1, options.block // 2)
+            smaller, block = shrink_after_oom(exc, tile, options.block)
             if smaller == tile and block == options.block:
                 raise UserError(
                     f"out of memory even with tile {'x'.join(map(str, tile))}; use --no-ensemble or fewer "

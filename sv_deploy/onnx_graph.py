@@ -118,7 +118,7 @@ def digest(model: onnx.ModelProto, metadata: Dict[str, str]) -> str:
 
 
 def verify(model: onnx.ModelProto) -> Dict[str, str]:
-    """Our metadata, once the digest matches and the stage boundaries fit the graph (ValueError if not)."""
+    """Our metadata, once the digest over graph, weights and metadata matches (ValueError if not)."""
     meta = read_metadata(model)
     if "sha256" not in meta:
         raise ValueError("it has no checksum (made by an older sv-deploy)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sv_deploy.config import ArchConfig
-from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name
+from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
 from sv_deploy.errors import UserError
 from sv_deploy.memory import choose_tile, parse_size, plan_bytes
 from sv_deploy.pipeline import Aborted, write_behind
@@ -126,6 +126,10 @@ def test_sizes_and_names():
     assert output_name("b.ome.tiff", (1, 2, 2)) == "b_x1x2x2.ome.tif"
     assert output_name("h.tif", (2, 2, 2), ReadOptions(channel=1, time=0)) == "h_c1_t0_x2.ome.tif"
     assert is_out_of_memory(MemoryError()) and is_out_of_memory(RuntimeError("CUDA out of memory."))
+    # a pass that failed on the device shrinks the passes only; host memory shrinks the tile too
+    assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1000) == ((12, 48, 48), 500)
+    assert shrink_after_oom(MemoryError(), (12, 48, 48), 1000) == ((6, 24, 24), 500)
+    assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1) == ((6, 24, 24), 1)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
