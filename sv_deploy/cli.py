@@ -143,7 +143,7 @@ def _csv(values) -> str:
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, help="Model file to write (.svmodel).")
-@click.option("--scale", default="2", show_default=True, help="Factor: 2, 4, or per axis z,y,x like 1,2,2. x4 trains two x2 stages.")
+@click.option("--scale", default="2", show_default=True, help="Factor on every axis (2, 3, 4 or 8) or per axis z,y,x like 1,2,2; 4 and 8 train chained x2 stages.")
 @click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="fast: our default; paper: the authors' 1500 steps, batch 8, 8x64x64 patches per stage.")
 @click.option("--steps", type=int, help=f"Training steps per stage [default: {_FAST.steps} fast, {_PAPER.steps} paper].")
@@ -240,7 +240,11 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
         voxel_size=vol.voxel_size, train=cfg, provenance=provenance,
     )
     digest = save_model(out, config, trained)
-    click.echo(f"wrote {out} ({provenance.duration_s:.0f} s of training, sha256 {digest[:12]})", err=True)
+    click.echo(f"wrote {out} ({provenance.duration_s:.0f} s of training; file checksum {digest[:12]}, which "
+               "covers the training record too, so it differs between runs)", err=True)
+    from .enhance_file import output_name
+
+    click.echo(f"next: sv-deploy infer {out} {input_path} -o {output_name(input_path, factors)}", err=True)
     _prepare_cpu_inference(config, trained, digest)
 
 

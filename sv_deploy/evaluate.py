@@ -36,6 +36,9 @@ def infer_factors(reference_shape: Sequence[int], lowres_shape: Sequence[int]) -
                 f"shape {tuple(lowres_shape)}; crop them so each axis divides"
             )
         factors.append(r // l)
+    if all(f == 1 for f in factors):
+        raise UserError("--lowres has the reference's own shape; give the low-resolution input the output was "
+                        "made from")
     return tuple(factors)  # type: ignore
 
 
@@ -64,10 +67,11 @@ def evaluate(
         lr = lowres.astype(np.float32)
         cubic = upsample(lr, factors)
         bounds = output_bounds(lowres.dtype, float(lowres.min()))  # clamped as our written output is
-        rows.append(score_row("tricubic", np.clip(cubic, *bounds), reference))
+        tag = "x" + "x".join(map(str, factors)) if len(set(factors)) > 1 else f"x{factors[0]}"
+        rows.append(score_row(f"tricubic {tag}", np.clip(cubic, *bounds), reference))
         if bp_iters > 0:
             bp = np.clip(back_project(cubic, lr, factors, bp_iters), *bounds)
-            rows.append(score_row(f"tricubic + back-projection ({bp_iters} it)", bp, reference))
+            rows.append(score_row(f"tricubic {tag} + back-projection ({bp_iters} it)", bp, reference))
     return rows
 
 
@@ -80,5 +84,6 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{r.name:<{width}}  {r.matched.psnr:8.2f} {r.matched.ssim:7.4f} {r.matched.nrmse:7.4f}  "
             f"{r.raw.psnr:8.2f} {r.raw.ssim:8.4f}"
         )
-    lines.append("scores after matching each candidate's gain/offset to the reference (min MSE); raw = as written")
+    lines.append("higher PSNR and SSIM, lower NRMSE (RMSE / the reference's range) are better; scores after matching")
+    lines.append("each candidate's gain/offset to the reference (min MSE); raw = as written")
     return "\n".join(lines)

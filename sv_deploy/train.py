@@ -145,7 +145,6 @@ def train_stage(
         best_loss = _mse(stage, *val, cfg.batch)
         if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # the mean as a whole, as one member below
             _zero_residual(stage)
-            best_loss = interp_loss
     stage.eval()
     report = StageReport(
         factors=tuple(factors),
@@ -197,9 +196,9 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # (almost) nothing over interpolation on held-out
         # patches: be exactly interpolation, as the warning in `train_stages` says (a residual this
         # small was found to lose more often than win one scale up, QUALITY.md). Among averaged
-        # networks such a member counts as interpolation in the mean.
+        # networks such a member counts as interpolation in the mean. The measured loss is still
+        # reported, so a network that made things worse shows as such.
         _zero_residual(stage)
-        best_loss = interp_loss
     return stage.eval(), (best_step, train_loss, best_loss, interp_loss)
 
 
@@ -260,9 +259,10 @@ def train_stages(
         )
         if is_dead(report):
             log(
-                f"warning: {label}: the network learned nothing beyond interpolation "
-                f"({report.gain_db:+.2f} dB on held-out patches); this stage falls back to cubic "
-                "interpolation + back-projection. More --steps or a larger input volume usually helps."
+                f"warning: {label}: the network added {report.gain_db:+.2f} dB over interpolation on held-out "
+                f"patches (less than {DEAD_GAIN_DB} dB), so this stage runs as cubic interpolation + "
+                "back-projection. More --steps or a larger input volume usually helps; a very noisy or "
+                "nearly empty volume may hold nothing more to learn."
             )
         trained.append(stage)
         reports.append(report)

@@ -258,15 +258,30 @@ def check_output_path(path: os.PathLike | str, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; rename onto it only if the block finishes."""
+    """Yield a temporary name beside `path`; rename onto it only if the block finishes.
+
+    The file gets the usual permissions for new files (0666 less the umask): some writers
+    (safetensors) create theirs private, and a model on a shared microscope PC must be readable
+    by the other accounts as an image is."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _read_umask() -> int:
+    """Read once, at import: setting and restoring it later could race with threads creating files."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_volume(

@@ -78,7 +78,9 @@ def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
     write_volume(truth, [flybrain_crop], flybrain_crop.shape, np.uint8, "ZYX", (2.0, 1.25, 1.25))
     result = run("evaluate", truth, truth, "--lowres", lr_file)
     assert result.exit_code == 0, result.output
-    assert "tricubic + back-projection" in result.output and "inf" in result.output
+    assert "tricubic x2 + back-projection" in result.output and "inf" in result.output
+    # the reference itself as --lowres (no factor) is refused
+    assert_one_line_error(run("evaluate", truth, truth, "--lowres", truth), "--lowres has the reference's own shape")
 
 
 @pytest.fixture()

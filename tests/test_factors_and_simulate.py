@@ -32,3 +32,17 @@ def test_beads_are_blurred_points_normalised_to_one():
     z, y, x = np.unravel_index(np.argmax(hr), hr.shape)
     if 0 < x < 63:
         assert hr[z, y, x + 1] / hr[z, y, x] == pytest.approx(np.exp(-0.5), rel=0.15)
+
+
+def test_simulate_writes_the_low_resolution_file_with_coarser_voxels(tmp_path):
+    from click.testing import CliRunner
+
+    from sv_deploy.cli import main
+    from sv_deploy.volume_io import read_volume
+
+    result = CliRunner().invoke(main, ["simulate", "beads", str(tmp_path), "--shape", "8,32,32", "--scale", "1,2,2",
+                                       "--beads", "10", "--voxel-size", "0.4,0.1,0.1"])
+    assert result.exit_code == 0, result.output
+    hr, lr = read_volume(tmp_path / "beads_hr.tif"), read_volume(tmp_path / "beads_lr.tif")
+    assert hr.voxel_size == pytest.approx((0.4, 0.1, 0.1))
+    assert lr.data.shape == (8, 16, 16) and lr.voxel_size == pytest.approx((0.4, 0.2, 0.2))

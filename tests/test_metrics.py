@@ -34,7 +34,7 @@ def test_evaluate_has_the_no_network_baselines(flybrain_pair):
     assert infer_factors(truth.shape, lr.shape) == (2, 2, 2)
     rows = evaluate(truth, truth, lr, bp_iters=3)
     names = [r.name for r in rows]
-    assert names[1:] == ["tricubic", "tricubic + back-projection (3 it)"]
+    assert names[1:] == ["tricubic x2", "tricubic x2 + back-projection (3 it)"]
     assert rows[0].matched.psnr == float("inf")
     # back-projection makes the cubic result consistent with the LR data, which helps here.
     assert rows[2].matched.psnr > rows[1].matched.psnr

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from sv_deploy.errors import UserError
-from sv_deploy.model_file import load_model, read_header
+from sv_deploy.model_file import load_model, read_header, save_model
 
 
 def test_round_trip_gives_the_same_network(model_file, trained_small):
@@ -33,3 +33,15 @@ def test_files_that_are_not_ours_are_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
     with pytest.raises(UserError, match="not an sv-deploy model"):
         load_model(other)
+
+
+def test_a_model_file_is_readable_like_any_new_file(tmp_path):
+    import stat
+
+    from sv_deploy.config import ModelConfig
+    from sv_deploy.model import SVStage
+
+    from sv_deploy import volume_io
+
+    save_model(tmp_path / "m.svmodel", ModelConfig(stages=((2, 2, 2),)), [SVStage((2, 2, 2))])
+    assert stat.S_IMODE((tmp_path / "m.svmodel").stat().st_mode) == 0o666 & ~volume_io._UMASK

@@ -68,7 +68,8 @@ def test_a_stage_that_learns_nothing_is_exactly_interpolation(flybrain_pair):
     x = normalize(lr, float(lr.min()), float(lr.max()))
     cfg = TrainConfig(steps=2, batch=2, patch=(8, 32, 32), lr=1e-9, val_every=1, val_patches=4)
     stage, report = train_stage(x, (2, 2, 2), ArchConfig(), cfg, torch.device("cpu"), progress=False)
-    assert is_dead(report) and report.gain_db == 0.0 and report.best_val_loss == report.interp_val_loss
+    # the measured gain is reported as it was (about zero here), and the stage is interpolation
+    assert is_dead(report) and abs(report.gain_db) < 0.01
     block = torch.from_numpy(x[None, None, :6, :20, :20].copy())
     with torch.no_grad():
         assert torch.equal(stage(block), stage.interpolate(block))
