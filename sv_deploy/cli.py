@@ -213,8 +213,9 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     fit_patch(vol.data.shape, cfg.patch, stages[0])  # refuse a too-small volume before any work
     click.echo(
         f"training on {input_path}: {'x'.join(map(str, vol.data.shape))} (z,y,x) {vol.dtype}, scale "
-        f"{'x'.join(map(str, factors))} in {len(stages)} stage(s), {cfg.steps} steps each"
-        f"{f' for each of {arch.members} averaged networks' if arch.members > 1 else ''}, device {dev}",
+        f"{'x'.join(map(str, factors))} in {len(stages)} stage(s); {recipe} recipe: {cfg.steps} steps per stage"
+        f"{f' and network ({arch.members} averaged)' if arch.members > 1 else ''}, batch {cfg.batch}, patch "
+        f"{_csv(fit_patch(vol.data.shape, cfg.patch, stages[0]))}, lr {cfg.lr:g}; device {dev}",
         err=True,
     )
     start = time.perf_counter()

@@ -35,9 +35,12 @@ def fit_patch(shape: Shape3, patch: Shape3, factors: Factors) -> Shape3:
     minimum = min_patch(factors)
     out = tuple((min(n, p) // f) * f for n, p, f in zip(shape, patch, factors))
     if any(o < m for o, m in zip(out, minimum)):
+        hint = ("; too few z slices to learn z from: enhance y and x only with --scale 1,2,2"
+                if out[0] < minimum[0] and factors[0] > 1 and all(o >= m for o, m in zip(out[1:], minimum[1:])) else "")
         raise UserError(
             f"the volume ({'x'.join(map(str, shape))} z,y,x) is smaller than one training patch for "
             f"factors {factors} (at least {'x'.join(map(str, minimum))}); use a larger volume or a smaller --scale"
+            f"{hint}"
         )
     return out  # type: ignore
 

@@ -97,3 +97,13 @@ def test_averaged_networks_train_apart_and_the_first_is_the_single_run(flybrain_
     first, second = merged.extract[0].weight[:features], merged.extract[0].weight[features:]
     assert torch.equal(first, single.extract[0].weight)  # member 0 keeps the run's seed and patches
     assert not torch.allclose(first, second)  # the other starts from its own seed
+
+
+def test_too_few_slices_for_z_names_the_lateral_only_scale():
+    import pytest
+
+    from sv_deploy.errors import UserError
+
+    with pytest.raises(UserError, match="--scale 1,2,2"):
+        fit_patch((3, 128, 128), (16, 48, 48), (2, 2, 2))
+    assert fit_patch((3, 128, 128), (16, 48, 48), (1, 2, 2)) == (3, 48, 48)
