@@ -325,7 +325,10 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     config, runner = open_backend(model, backend, device, log=log)
-    options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters)
+    options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters, interpolate=config.interpolation_stages())
+    for i in options.interpolate:
+        log(f"stage {i + 1}: its network learned nothing in training, so it runs as cubic interpolation "
+            "(the same result, without the network)")
     read = ReadOptions(axes, channel, time_index, voxel_size, series)
 
     tile = tile or getattr(runner, "tile", None)  # a TensorRT engine brings the tile it was built for

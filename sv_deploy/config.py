@@ -32,6 +32,10 @@ class ArchConfig:
     # network (grouped convolutions). Averaging cuts the seed-to-seed spread that dominates on
     # small inputs (QUALITY.md, session 8); `train` picks 3 below the paper's 0.3 M voxels.
     members: int = 1
+    # Border rule of the fixed interpolation path: "symmetric" mirrors as the degradation model
+    # does, so a stage that learns nothing is exactly tricubic interpolation (QUALITY.md, session
+    # 11); model files written before this field existed used "replicate" and still load so.
+    interp_border: str = "symmetric"
 
     def halo(self) -> int:
         """Receptive-field radius in LR voxels: k5 (2) + shrink (1) + mid (m) + expansion (1)."""
@@ -67,6 +71,9 @@ class TrainConfig:
         return cls(steps=1500, batch=8, patch=(8, 64, 64), lr=1e-3, seed=seed)
 
 
+DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not learn
+
+
 @dataclass(frozen=True)
 class StageReport:
     """What training one stage achieved, kept as provenance."""
@@ -80,6 +87,11 @@ class StageReport:
     gain_db: float
     seconds: float
     member_gains_db: Tuple[float, ...] = ()  # each averaged network's own gain, when there are several
+
+    def is_dead(self) -> bool:
+        """The network added (almost) nothing over its interpolation path on held-out patches, so
+        training zeroed its residual: the stage is exactly cubic interpolation."""
+        return self.gain_db < DEAD_GAIN_DB
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,14 @@ class ModelConfig:
     def total_factors(self) -> Factors:
         return total_factors(self.stages)
 
+    def interpolation_stages(self) -> Tuple[int, ...]:
+        """Stages whose network learned nothing: inference runs them as `resize.upsample`, the
+        same result (their interpolation path mirrors at borders as it does) without a network
+        pass or an ensemble. Models with the older replicate border keep running the network."""
+        if self.provenance is None or self.arch.interp_border != "symmetric":
+            return ()
+        return tuple(i for i, report in enumerate(self.provenance.stages) if report.is_dead())
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -126,10 +146,16 @@ def _build(cls: Any, data: Any) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
+            if (cls, f.name) in _WHEN_ABSENT:
+                kwargs[f.name] = _WHEN_ABSENT[(cls, f.name)]
             continue
         kwargs[f.name] = _convert(_field_type(cls, f.name), data[f.name])
     return cls(**kwargs)
 
+
+# Fields whose default changed after model files were written without them: the value those
+# files were made with, so they keep giving the output they were trained and checked for.
+_WHEN_ABSENT = {(ArchConfig, "interp_border"): "replicate"}
 
 _NESTED = {
     (ModelConfig, "arch"): ArchConfig,

@@ -24,6 +24,9 @@ class InferenceOptions:
     bp_iters: int = 10
     tile: Shape3 = (32, 96, 96)  # LR core per tile; the halo is added around it
     block: int = 0  # most voxels one network pass reads (0: the whole stage input at once)
+    # Stages run as plain cubic interpolation (`ModelConfig.interpolation_stages`): their network
+    # learned nothing and would give the same result through 8 ensemble passes.
+    interpolate: Tuple[int, ...] = ()
 
 
 def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int) -> np.ndarray:
@@ -104,8 +107,11 @@ def enhance_block(
     """
     margins = [list(m) for m in margins] if margins else None
     for i, factors in enumerate(stages):
-        transforms = ensemble_transforms(factors, options.ensemble)
-        y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
+        if i in options.interpolate:
+            y = upsample(x, factors)
+        else:
+            transforms = ensemble_transforms(factors, options.ensemble)
+            y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         x = back_project(y, x, factors, options.bp_iters)
         if value_range is not None:
             np.clip(x, *value_range, out=x)  # x is this function's own (back_project / predict_blocks)
@@ -138,7 +144,7 @@ def iter_slabs(
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, factors)
     out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
-    bar = progress_bar(sum(tile_work(t, stages, options.ensemble) for t in tiles), "enhance", "vox", progress,
+    bar = progress_bar(sum(tile_work(t, stages, options) for t in tiles), "enhance", "vox", progress,
                        unit_scale=True)
     counting = _Counting(backend, bar)
     try:
@@ -148,7 +154,7 @@ def iter_slabs(
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
                 margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-                counting.limit = done + tile_work(tile, stages, options.ensemble)
+                counting.limit = done + tile_work(tile, stages, options)
                 block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
                 _fill(slab, tile, block)
                 bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
@@ -158,12 +164,13 @@ def iter_slabs(
         bar.close()
 
 
-def tile_work(tile: Tile, stages: Sequence[Factors], ensemble: bool) -> int:
+def tile_work(tile: Tile, stages: Sequence[Factors], options: InferenceOptions) -> int:
     """Voxels the network reads for a tile, about (each stage on the whole read region): the unit of
     the progress bar, which a volume in one tile would otherwise leave at 0/1 until the end."""
     voxels, total = int(np.prod([r1 - r0 for r0, r1 in tile.read])), 0
-    for factors in stages:
-        total += voxels * len(ensemble_transforms(factors, ensemble))
+    for i, factors in enumerate(stages):
+        if i not in options.interpolate:
+            total += voxels * len(ensemble_transforms(factors, options.ensemble))
         voxels *= int(np.prod(factors))
     return total
 

@@ -81,7 +81,10 @@ class SVStage(nn.Module):
         self.interp_pad = tuple(p for k in reversed(kernel.shape[2:]) for p in (k // 2, k // 2))
 
     def interpolate_phases(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
+        if self.arch.interp_border == "replicate":
+            return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
+        radii = [k // 2 for k in self.interp_weight.shape[2:]]
+        return F.conv3d(symmetric_pad(x, radii), self.interp_weight)
 
     def residual_phases(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[2] == 1:  # static under export: only a 2D model is traced with depth 1
@@ -95,6 +98,32 @@ class SVStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle_3d(self.residual_phases(x) + self.interpolate_phases(x), self.factors)
+
+
+def symmetric_pad(x: torch.Tensor, radii: Sequence[int]) -> torch.Tensor:
+    """Half-sample symmetric padding of (N, C, D, H, W) by radii per spatial axis.
+
+    The border rule of the degradation model (`resize.resize_matrix`), so the stage's
+    interpolation path equals `resize.upsample` up to the border. Written as slices and a concat:
+    plain ONNX Slice/Concat with dynamic shapes; the eager fallback covers axes shorter than
+    their radius, where mirroring wraps more than once.
+    """
+    for dim, p in zip((2, 3, 4), radii):
+        n = x.shape[dim]
+        if p == 0:
+            continue
+        if not torch.onnx.is_in_onnx_export() and n < p:
+            period = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+            index = torch.as_tensor(period[np.mod(np.arange(-p, n + p), 2 * n)], device=x.device)
+            x = x.index_select(dim, index)
+            continue
+        # Slices from the ends (no shape arithmetic in the graph, so each stage's sub-graph
+        # depends on its own input only; `onnx_graph.extract_stage` relies on that).
+        lead = (slice(None),) * dim
+        head = x[lead + (slice(0, p),)].flip(dim)
+        tail = x[lead + (slice(-p, None),)].flip(dim)
+        x = torch.cat([head, x, tail], dim=dim)
+    return x
 
 
 def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

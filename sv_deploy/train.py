@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .backends import TorchBackend
-from .config import ArchConfig, Factors, Shape3, StageReport, TrainConfig
+from .config import DEAD_GAIN_DB, ArchConfig, Factors, Shape3, StageReport, TrainConfig
 from .enhance import InferenceOptions, enhance_volume
 from .errors import UserError
 from .model import SVStage, merge_members
@@ -21,7 +21,6 @@ from .resize import downsample
 
 MIN_LR_PATCH_YX = 8
 HOLDOUT_FRACTION = 0.2  # share of the longer lateral axis kept out of training for validation
-DEAD_GAIN_DB = 0.05  # a stage adding less than this over interpolation did not learn
 SMALL_INPUT_VOXELS = 300_000  # the paper's Fig. 8: quality saturates from about 0.3 M LR voxels
 
 
@@ -225,11 +224,6 @@ def _db(reference: float, loss: float) -> float:
     return 10.0 * math.log10(reference / loss) if loss > 0 and reference > 0 else 0.0
 
 
-def is_dead(report: StageReport) -> bool:
-    """The network adds (almost) nothing over its interpolation path on held-out patches."""
-    return report.gain_db < DEAD_GAIN_DB
-
-
 def train_stages(
     volume: np.ndarray,
     stages: Sequence[Factors],
@@ -260,7 +254,7 @@ def train_stages(
             f"{label}: {report.steps} steps in {report.seconds:.1f} s, best at step {report.best_step}, "
             f"validation gain over interpolation {report.gain_db:+.2f} dB{each}"
         )
-        if is_dead(report):
+        if report.is_dead():
             log(
                 f"warning: {label}: the network added {report.gain_db:+.2f} dB over interpolation on held-out "
                 f"patches (less than {DEAD_GAIN_DB} dB), so this stage runs as cubic interpolation + "
@@ -271,5 +265,6 @@ def train_stages(
         reports.append(report)
         if i + 1 < len(stages):
             backend = TorchBackend([stage], device)
-            x = enhance_volume(backend, [factors], arch, x, InferenceOptions(), progress, value_range)
+            options = InferenceOptions(interpolate=(0,) if report.is_dead() else ())
+            x = enhance_volume(backend, [factors], arch, x, options, progress, value_range)
     return trained, reports

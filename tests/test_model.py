@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from sv_deploy.config import ArchConfig
+from sv_deploy.config import ArchConfig, ModelConfig
 from sv_deploy.model import SVStage, count_parameters, pixel_shuffle_3d
 from sv_deploy.resize import upsample
 
@@ -18,16 +20,32 @@ def test_pixel_shuffle_matches_numpy_reference(factors, channels_out):
     np.testing.assert_array_equal(got, shuffle_reference(x, factors))
 
 
-@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (1, 3, 3)])
-def test_untrained_stage_is_cubic_interpolation_inside(factors):
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (1, 3, 3), (2, 1, 4)])
+@pytest.mark.parametrize("shape", [(6, 12, 11), (2, 1, 5)])
+def test_untrained_stage_is_cubic_interpolation_up_to_the_border(factors, shape):
+    """Its interpolation path mirrors at borders as the degradation model does, so a stage that
+    learns nothing is exactly the tricubic baseline, border voxels included (lengths 1 and 2
+    mirror more than once)."""
     stage = SVStage(factors)
     torch.nn.init.zeros_(stage.expand.weight)
-    x = np.random.default_rng(0).random((6, 12, 12)).astype(np.float32)
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
     got = stage(torch.from_numpy(x)[None, None])[0, 0].detach().numpy()
-    ref = upsample(x, factors)
-    f = factors
-    inner = tuple(slice(2 * fa, -2 * fa) if fa > 1 else slice(None) for fa in f)
-    np.testing.assert_allclose(got[inner], ref[inner], atol=1e-5)
+    np.testing.assert_allclose(got, upsample(x, factors), atol=2e-6)
+
+
+def test_replicate_border_of_older_model_files_is_kept():
+    """Files written before `interp_border` existed load with the border they were trained with."""
+    data = json.loads(ModelConfig(stages=((2, 2, 2),)).to_json())
+    del data["arch"]["interp_border"]
+    old = ModelConfig.from_json(json.dumps(data))
+    assert old.arch.interp_border == "replicate"
+    stage = SVStage((2, 2, 2), old.arch)
+    torch.nn.init.zeros_(stage.expand.weight)
+    x = np.random.default_rng(0).random((4, 6, 6)).astype(np.float32)
+    got = stage(torch.from_numpy(x)[None, None])[0, 0].detach().numpy()
+    ref = upsample(x, (2, 2, 2))
+    np.testing.assert_allclose(got[4:-4, 4:-4, 4:-4], ref[4:-4, 4:-4, 4:-4], atol=2e-6)
+    assert np.abs(got - ref).max() > 1e-3  # replicate, not mirrored, at the border
 
 
 def test_parameter_count_in_papers_range():

@@ -113,7 +113,7 @@ def test_progress_counts_the_network_passes_of_a_single_tile():
     counting = _Counting(backend, bar)
     counting.limit = 10**9
     enhance_block(counting, [(2, 2, 2)], ArchConfig(), volume, InferenceOptions(bp_iters=0))
-    assert bar.n == tile_work(tile, [(2, 2, 2)], True) == 8 * volume.size  # one pass per ensemble member
+    assert bar.n == tile_work(tile, [(2, 2, 2)], InferenceOptions()) == 8 * volume.size  # one pass per ensemble member
 
 
 def test_sizes_and_names():

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,14 +12,14 @@ from sv_deploy.metrics import score
 from sv_deploy.model import SVStage
 from sv_deploy.normalize import normalize
 from sv_deploy.resize import upsample
-from sv_deploy.train import _average_into, fit_patch, holdout_split, is_dead, sample_patches, train_stage
+from sv_deploy.train import _average_into, fit_patch, holdout_split, sample_patches, train_stage
 
 
 def test_short_real_training_lowers_the_loss_and_beats_tricubic(trained_small, flybrain_pair):
     stage, report, x, (lo, hi) = trained_small
     truth, lr = flybrain_pair
     assert report.best_val_loss < report.interp_val_loss
-    assert report.gain_db > 0.2 and not is_dead(report)
+    assert report.gain_db > 0.2 and not report.is_dead()
     backend = TorchBackend([stage], torch.device("cpu"))
     net_only = enhance_volume(backend, [(2, 2, 2)], ArchConfig(), x, InferenceOptions(ensemble=False, bp_iters=0))
     full = enhance_volume(backend, [(2, 2, 2)], ArchConfig(), x, InferenceOptions())
@@ -69,10 +71,27 @@ def test_a_stage_that_learns_nothing_is_exactly_interpolation(flybrain_pair):
     cfg = TrainConfig(steps=2, batch=2, patch=(8, 32, 32), lr=1e-9, val_every=1, val_patches=4)
     stage, report = train_stage(x, (2, 2, 2), ArchConfig(), cfg, torch.device("cpu"), progress=False)
     # the measured gain is reported as it was (about zero here), and the stage is interpolation
-    assert is_dead(report) and abs(report.gain_db) < 0.01
+    assert report.is_dead() and abs(report.gain_db) < 0.01
     block = torch.from_numpy(x[None, None, :6, :20, :20].copy())
     with torch.no_grad():
         assert torch.equal(stage(block), stage.interpolate(block))
+    # so inference may skip the network: the same result through ensemble, tiles and back-projection
+    calls = []
+
+    class Spy(TorchBackend):
+        def predict(self, i, batch):
+            calls.append(batch.shape)
+            return super().predict(i, batch)
+
+    volume = x[:12, :40, :40]
+    small = InferenceOptions(tile=(6, 16, 16))
+    with_net = enhance_volume(Spy([stage], torch.device("cpu")), [(2, 2, 2)], ArchConfig(), volume, small)
+    assert calls
+    calls.clear()
+    skipped = dataclasses.replace(small, interpolate=(0,))
+    without = enhance_volume(Spy([stage], torch.device("cpu")), [(2, 2, 2)], ArchConfig(), volume, skipped)
+    assert not calls
+    np.testing.assert_allclose(without, with_net, atol=1e-5)
 
 
 def test_weight_average_update():
@@ -107,3 +126,17 @@ def test_too_few_slices_for_z_names_the_lateral_only_scale():
     with pytest.raises(UserError, match="--scale 1,2,2"):
         fit_patch((3, 128, 128), (16, 48, 48), (2, 2, 2))
     assert fit_patch((3, 128, 128), (16, 48, 48), (1, 2, 2)) == (3, 48, 48)
+
+
+def test_only_dead_stages_of_mirroring_models_skip_the_network():
+    from sv_deploy.config import ModelConfig, Provenance, StageReport
+
+    def report(gain):
+        return StageReport((2, 2, 2), 10, 5, 1e-3, 1e-3, 1e-3, gain, 1.0)
+
+    prov = Provenance("v.tif", "0" * 64, (8, 8, 8), "uint16", (report(0.01), report(0.3)), 2.0, "cpu", "now", ())
+    config = ModelConfig(stages=((2, 2, 2), (2, 2, 2)), provenance=prov)
+    assert config.interpolation_stages() == (0,)
+    older = dataclasses.replace(config, arch=ArchConfig(interp_border="replicate"))
+    assert older.interpolation_stages() == ()
+    assert ModelConfig.from_json(config.to_json()).interpolation_stages() == (0,)
