@@ -471,7 +471,7 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     Example:
       sv-deploy evaluate beads_x4.ome.tif beads_hr.tif --lowres beads_lr.tif
     """
-    from .evaluate import evaluate as run_evaluate, format_table
+    from .evaluate import evaluate as run_evaluate, format_table, infer_factors
     from .volume_io import check_not_constant, read_volume
 
     ref_vol = read_volume(reference, axes=axes, channel=channel, time=time_index, series=series)
@@ -480,7 +480,13 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     lr = read_volume(lowres, axes=axes, channel=channel, time=time_index, series=series).data if lowres else None
     rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
-        report = {"reference": str(reference), "rows": [r.to_dict() for r in rows]}
+        report = {
+            "output": str(output_path), "reference": str(reference), "lowres": str(lowres) if lowres else None,
+            "shape": list(ref_vol.data.shape),
+            "factors": list(infer_factors(ref_vol.data.shape, lr.shape)) if lr is not None else None,
+            "bp_iters": bp_iters if lr is not None else None,
+            "rows": [r.to_dict() for r in rows],
+        }
         click.echo(json.dumps(_finite(report), indent=2, allow_nan=False))
     else:
         click.echo(format_table(rows))
@@ -512,7 +518,7 @@ def simulate():
 @click.option("--shape", callback=_triple(int, "60,512,512"), default="60,512,512", show_default=True, help="High-resolution size z,y,x.")
 @click.option("--beads", "count", type=click.IntRange(1), default=125, show_default=True, help="Number of beads.")
 @click.option("--sigma", callback=_triple(float, "2.5,1,1"), default="2.5,1,1", show_default=True, help="Gaussian PSF sigma z,y,x in voxels.")
-@click.option("--window", type=click.IntRange(1), default=13, show_default=True, help="PSF window size in voxels.")
+@click.option("--window", type=click.IntRange(1), default=13, show_default=True, help="PSF window size in voxels (odd).")
 @click.option("--scale", default="4", show_default=True, help="Downsampling factor of the LR copy (or z,y,x).")
 @click.option("--voxel-size", callback=_triple(float, "0.4,0.1,0.1"), default="0.4,0.1,0.1", show_default=True,
               help="High-resolution voxel size z,y,x in micrometres.")

@@ -30,6 +30,8 @@ def write_beads(
     overwrite: bool,
 ) -> Tuple[Path, Path]:
     factors = parse_scale(scale)
+    if window % 2 == 0:
+        raise UserError(f"--window {window} must be odd, so the PSF is centred on a voxel; e.g. --window {window + 1}")
     if any(n % f for n, f in zip(shape, factors)):
         raise UserError(f"--shape {shape} must be divisible by --scale {factors} on every axis")
     outdir.mkdir(parents=True, exist_ok=True)

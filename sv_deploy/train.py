@@ -241,7 +241,8 @@ def train_stages(
         log(
             f"warning: the input has {volume.size:,} voxels; Self-Vision learns from the input alone and the "
             f"paper (Fig. 8) found it overfits below about {SMALL_INPUT_VOXELS:,}: the network may add little "
-            "over interpolation + back-projection. A larger field of view or more z slices usually helps."
+            "over interpolation + back-projection. A larger field of view"
+            f"{' usually helps.' if volume.shape[0] == 1 else ' or more z slices usually helps.'}"
         )
     for i, factors in enumerate(stages):
         label = f"stage {i + 1}/{len(stages)} x{'x'.join(map(str, factors))}"

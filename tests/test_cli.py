@@ -1,5 +1,6 @@
 """End-to-end through the command line: outputs, metadata, and every bad input's one-line error."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,11 @@ def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
     result = run("evaluate", truth, truth, "--lowres", lr_file)
     assert result.exit_code == 0, result.output
     assert "tricubic x2 + back-projection" in result.output and "inf" in result.output
+    # the JSON says what was scored against what, at which factor
+    report = json.loads(run("evaluate", truth, truth, "--lowres", lr_file, "--bp-iters", "3", "--json").stdout)
+    assert report["output"] == str(truth) and report["lowres"] == str(lr_file)
+    assert report["factors"] == [2, 2, 2] and report["bp_iters"] == 3
+    assert report["rows"][2]["name"] == "tricubic x2 + back-projection (3 it)"
     # the reference itself as --lowres (no factor) is refused
     assert_one_line_error(run("evaluate", truth, truth, "--lowres", truth), "--lowres has the reference's own shape")
 
@@ -177,7 +183,6 @@ def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, t
     assert result.exit_code == 0, result.output
     onnx_file = tmp_path / "exp" / "small.onnx"
     assert onnx_file.is_file()
-    import json
 
     from sv_deploy.model_file import read_header
 
@@ -233,7 +238,6 @@ def test_default_backend_on_cpu_is_onnxruntime_with_the_export_cached_once(model
 
 
 def test_an_edited_export_or_model_is_refused_by_infer_and_info(model_file, lr_file, tmp_path):
-    import json
 
     import onnx
     from onnx import numpy_helper
@@ -366,7 +370,6 @@ def test_evaluate_reads_axes_and_refuses_a_constant_reference(lr_file, tmp_path,
     tifffile.imwrite(ref, np.stack([flybrain_crop, flybrain_crop[::-1]]), photometric="minisblack")
     out = tmp_path / "same.tif"
     write_volume(out, [flybrain_crop], flybrain_crop.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
-    import json
 
     def no_constants(name):
         raise ValueError(f"non-standard JSON constant {name}")
@@ -405,7 +408,6 @@ def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path
 
 
 def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_path):
-    import json
 
     from sv_deploy.model_file import read_header
     from sv_deploy.trt_plan import EngineManifest, stage_profiles

@@ -46,3 +46,7 @@ def test_simulate_writes_the_low_resolution_file_with_coarser_voxels(tmp_path):
     hr, lr = read_volume(tmp_path / "beads_hr.tif"), read_volume(tmp_path / "beads_lr.tif")
     assert hr.voxel_size == pytest.approx((0.4, 0.1, 0.1))
     assert lr.data.shape == (8, 16, 16) and lr.voxel_size == pytest.approx((0.4, 0.2, 0.2))
+    # an even PSF window cannot be centred on a voxel: refused in one line, nothing written
+    even = CliRunner().invoke(main, ["simulate", "beads", str(tmp_path / "even"), "--window", "12"])
+    assert even.exit_code != 0 and "--window 12 must be odd" in even.stderr and "Traceback" not in even.output
+    assert not (tmp_path / "even").exists()
