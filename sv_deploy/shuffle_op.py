@@ -10,6 +10,8 @@ from typing import Dict, Sequence, Tuple, Union
 
 DOMAIN = "sv_deploy"  # ONNX custom domain == TensorRT plugin namespace
 NAME = "PixelShuffle3D"
+# Must stay "1": quickly deployable (tensorrt.plugin) creators always register version "1", and the
+# ONNX parser matches plugin_version exactly (a mismatch silently inlines the ONNX function instead).
 PLUGIN_VERSION = "1"
 # (N, C, rz, ry, rx, D, H, W) -> (N, C, D, rz, H, ry, W, rx)
 PERMUTATION: Tuple[int, ...] = (0, 1, 5, 2, 6, 3, 7, 4)

@@ -5,9 +5,10 @@ A thin layer over `trt_plan` (pure, tested on CI) written to TensorRT's document
 for aot_impl), `OnnxParser`, optimization profiles, a timing cache, `execute_async_v3`.
 It targets TensorRT 10.9 to 11.x. TensorRT cannot be installed where this project is developed,
 so this module has not been run there (README says so); its tests skip without tensorrt.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: `tensorrt.plugin` reads the plugin functions'
+annotations as classes (`inspect.signature`), and postponed (string) annotations make it fail.
+"""
 
 import hashlib
 from datetime import datetime, timezone
@@ -21,11 +22,11 @@ from . import onnx_graph, shuffle_op
 from .config import ModelConfig
 from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
-from .trt_plan import EngineManifest, Profile, check_compatible, profile_error, stage_profiles, without_plugin
+from .trt_plan import (EngineManifest, Profile, check_compatible, profile_error, shuffle_layer_error, stage_profiles,
+                       timing_cache_name, version_error, without_plugin)
 from .volume_io import atomic_output
 
 PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
-TIMING_CACHE = "timing.cache"
 _registered = False
 
 
@@ -38,6 +39,9 @@ def require_tensorrt():
             "(pip install 'sv-deploy[tensorrt]' with NVIDIA's index, see the README) or use the .onnx "
             "with --backend onnxruntime"
         ) from None
+    problem = version_error(trt.__version__)
+    if problem:
+        raise UserError(problem)
     return trt
 
 
@@ -46,7 +50,7 @@ def register_plugin() -> None:
 
     The parser swaps it in for every node that carries plugin_namespace="sv_deploy". With aot_impl
     the engine embeds our Triton kernel's PTX and runs without Python (trtexec, C++); `impl` is the
-    JIT fallback for TensorRT releases without aot_impl.
+    JIT path, used only for nodes that ask for it (attribute aot=0).
     """
     global _registered
     if _registered:
@@ -123,7 +127,8 @@ def _network_flags(trt) -> int:
     return flags
 
 
-def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_bytes: bytes, logger):
+def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_bytes: bytes, logger, plugin: bool,
+                 log: Callable[[str], None] = print):
     """Serialized engine for one stage, and the updated timing cache."""
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
@@ -131,18 +136,23 @@ def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_byte
     if not parser.parse(stage_model.SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT could not parse the ONNX graph: {errors}")
+    problem = shuffle_layer_error([network.get_layer(i).type.name for i in range(network.num_layers)], plugin)
+    if problem:
+        raise UserError(problem)
     config = builder.create_builder_config()
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # an fp32 graph means fp32 (parity with torch within 1e-5)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        log("the saved TensorRT timing cache does not match this GPU; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT failed to build the engine (see its log above); try a smaller --tile")
-    return bytes(plan), bytes(memoryview(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    return bytes(plan), bytes(memoryview(cache.serialize())) if cache is not None else cache_bytes
 
 
 def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool = True, overwrite: bool = False,
@@ -159,7 +169,7 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     manifest_path = outdir / f"{onnx_path.stem}.{kind}.trt.json"
     if manifest_path.exists() and not overwrite:
         raise UserError(f"{manifest_path} already exists; pass --overwrite to rebuild")
-    cache_path = outdir / TIMING_CACHE
+    cache_path = outdir / timing_cache_name(trt.__version__, capability)
     cache = cache_path.read_bytes() if cache_path.exists() else b""
     logger = trt.Logger(trt.Logger.WARNING)
     names = []
@@ -168,7 +178,7 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
         if not plugin:
             stage_model = without_plugin(stage_model)
         log(f"building TensorRT engine for stage {i + 1}/{len(profiles)} ({kind} shuffle, up to {profile.max})...")
-        plan, cache = build_engine(trt, stage_model, profile, cache, logger)
+        plan, cache = build_engine(trt, stage_model, profile, cache, logger, plugin, log)
         name = f"{onnx_path.stem}.{kind}.stage{i + 1}.engine"
         with atomic_output(outdir / name) as tmp:
             tmp.write_bytes(plan)
@@ -220,8 +230,11 @@ class TensorRTBackend:
             engine = self._runtime.deserialize_cuda_engine((path.parent / name).read_bytes())
             if engine is None:
                 raise UserError(f"TensorRT could not load {path.parent / name}; rebuild it with 'sv-deploy export --engine'")
+            context = engine.create_execution_context()
+            if context is None:
+                raise UserError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
             self.engines.append(engine)
-            self.contexts.append(engine.create_execution_context())
+            self.contexts.append(context)
         self.io = [self._io_names(trt, e) for e in self.engines]
         self.stream = torch.cuda.Stream()
         self.transfers, self._staging = TransferTimes(), PinnedStaging()
@@ -245,7 +258,8 @@ class TensorRTBackend:
 
         def execute(inp):  # runs on self.stream, between the timed copies
             inp = inp.to(self.dtype)
-            ctx.set_input_shape(in_name, tuple(inp.shape))
+            if not ctx.set_input_shape(in_name, tuple(inp.shape)):
+                raise UserError(f"TensorRT refused input shape {tuple(inp.shape)} for stage {stage + 1}")
             out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), dtype=self.dtype, device="cuda")
             ctx.set_tensor_address(in_name, inp.data_ptr())
             ctx.set_tensor_address(out_name, out.data_ptr())

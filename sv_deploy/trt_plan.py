@@ -22,6 +22,42 @@ from .tiling import total_halo
 
 Shape5 = Tuple[int, int, int, int, int]
 MANIFEST_FORMAT = "sv-deploy-trt"
+# aot_impl and the PREFER_AOT_PYTHON_PLUGINS flag arrived in 10.9; before 10.7 the parser inlined a
+# model-local function even when a plugin of the same name was registered.
+MIN_TENSORRT = (10, 9)
+
+
+def version_error(version: str) -> Optional[str]:
+    """Why this TensorRT cannot build or run our engines, or None."""
+    try:
+        found = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None  # a development build: let TensorRT itself decide
+    if found >= MIN_TENSORRT:
+        return None
+    need = ".".join(map(str, MIN_TENSORRT))
+    return (f"TensorRT {version} is too old (sv-deploy needs {need} or newer for its plugin); upgrade it from "
+            "NVIDIA's index or use the .onnx with --backend onnxruntime")
+
+
+def shuffle_layer_error(layer_types: Sequence[str], plugin: bool) -> Optional[str]:
+    """Whether the parsed network shuffles as asked: the parser silently inlines the ONNX function
+    when it does not match our plugin (name, version, namespace), which would measure the built-in
+    path under the plugin's name. `layer_types` are the names of `trt.LayerType` per layer."""
+    plugins = sum(1 for t in layer_types if t.startswith("PLUGIN"))
+    if plugin and plugins == 0:
+        return (f"TensorRT inlined the {shuffle_op.NAME} function instead of using the sv-deploy plugin "
+                f"(plugin {shuffle_op.DOMAIN}::{shuffle_op.NAME} version {shuffle_op.PLUGIN_VERSION} not matched); "
+                "build with --no-plugin, or report this with your TensorRT version")
+    if not plugin and plugins:
+        return "TensorRT used a plugin layer for the built-in shuffle baseline; rebuild in a fresh process"
+    return None
+
+
+def timing_cache_name(tensorrt_version: str, compute_capability: Tuple[int, int]) -> str:
+    """One timing cache per TensorRT version and GPU architecture: a cache from another GPU is
+    refused by the builder, and one from another release may not apply."""
+    return f"timing.trt{tensorrt_version}.sm{compute_capability[0]}{compute_capability[1]}.cache"
 
 
 @dataclass(frozen=True)
@@ -82,9 +118,16 @@ def plugin_fields(node: onnx.NodeProto) -> Dict[str, np.ndarray]:
     return {"factors": factors}
 
 
+BUILTIN_DOMAIN = f"{shuffle_op.DOMAIN}.builtin"
+
+
 def without_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy whose shuffle nodes carry no plugin_namespace, so TensorRT inlines the ONNX function
-    (its built-in Reshape/Transpose path: the baseline the plugin is measured against)."""
+    """Copy whose shuffle nodes TensorRT can only inline as the ONNX function (its built-in
+    Reshape/Transpose path: the baseline the plugin is measured against).
+
+    Dropping plugin_namespace is not enough from TensorRT 10.10 on, whose parser also takes the
+    namespace from the node's domain; so the nodes and their function move to another domain.
+    """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for node in copy.graph.node:
@@ -92,6 +135,12 @@ def without_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
             keep = [a for a in node.attribute if a.name != "plugin_namespace"]
             del node.attribute[:]
             node.attribute.extend(keep)
+            node.domain = BUILTIN_DOMAIN
+    for function in copy.functions:
+        if function.domain == shuffle_op.DOMAIN and function.name == shuffle_op.NAME:
+            function.domain = BUILTIN_DOMAIN
+    if not any(o.domain == BUILTIN_DOMAIN for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid(BUILTIN_DOMAIN, 1))
     return copy
 
 

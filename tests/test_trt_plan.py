@@ -22,8 +22,11 @@ from sv_deploy.trt_plan import (
     fits,
     plugin_fields,
     profile_error,
+    shuffle_layer_error,
     stage_profiles,
+    timing_cache_name,
     uses_plugin,
+    version_error,
     without_plugin,
 )
 
@@ -90,6 +93,42 @@ def test_builtin_baseline_drops_only_the_plugin_namespace():
     assert not uses_plugin(bare)
     assert uses_plugin(model)  # the original is untouched
     assert plugin_fields(bare.graph.node[0])["factors"].tolist() == [2, 2, 2]
+    assert bare.graph.node[0].domain != shuffle_op.DOMAIN  # TensorRT >= 10.10 reads the namespace from it
+
+
+def test_builtin_baseline_graph_computes_the_same():
+    """The baseline graph (nodes and function in another domain) still runs, to the same output."""
+    import onnxruntime as ort
+
+    from sv_deploy.config import ModelConfig
+    from sv_deploy.export import to_onnx
+
+    torch.manual_seed(0)
+    stage = SVStage((1, 2, 2)).eval()
+    graph = to_onnx(ModelConfig(stages=((1, 2, 2),)), [stage], "0" * 64)
+    x = np.random.default_rng(0).random((1, 1, 5, 9, 7)).astype(np.float32)
+    outputs = []
+    for model in (graph, without_plugin(graph)):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"input": x})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs[1], stage(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_tensorrt_version_floor_and_per_gpu_timing_cache():
+    assert version_error("10.9.0") is None and version_error("11.0.1.5") is None
+    assert "10.8.1 is too old" in version_error("10.8.1") and "10.9" in version_error("8.6.1")
+    assert len({timing_cache_name(v, cc) for v in ("10.13.0", "11.0.0") for cc in ((9, 0), (8, 9))}) == 4
+
+
+def test_a_silently_inlined_plugin_is_caught():
+    with_plugin = ["CONVOLUTION", "PLUGIN_V3", "ELEMENTWISE"]
+    inlined = ["CONVOLUTION", "SHUFFLE", "SHUFFLE", "ELEMENTWISE"]
+    assert shuffle_layer_error(with_plugin, plugin=True) is None
+    assert shuffle_layer_error(inlined, plugin=False) is None
+    assert "inlined" in shuffle_layer_error(inlined, plugin=True)
+    assert shuffle_layer_error(with_plugin, plugin=False)
 
 
 def make_manifest(**changes):
