@@ -8,6 +8,7 @@ also reports its compute time, so both come from the same runs.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -80,7 +81,7 @@ class PeakRSS:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
+        self.start = self.peak = self._proc.memory_info().rss
         self._base = self._device_used() if self.gpu else None
         self.device_peak = 0 if self.gpu else None
         self._stop = threading.Event()
@@ -112,10 +113,11 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
     """Every backend, marked available or not and why; available ones carry a runner."""
     from .backends import TorchBackend
 
-    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(stages, torch.device("cpu"))}]
+    # each runner its own copy: TorchBackend moves the modules to its device in place
+    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(_copies(stages), torch.device("cpu"))}]
     cuda = torch.cuda.is_available()
     found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
-                  "runner": TorchBackend(stages, torch.device("cuda")) if cuda else None})
+                  "runner": TorchBackend(_copies(stages), torch.device("cuda")) if cuda else None})
     found.append(_compiled(stages, quick))
     try:
         import onnxruntime as ort
@@ -137,6 +139,10 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
     return found
 
 
+def _copies(stages):
+    return [copy.deepcopy(s) for s in stages]
+
+
 def _compiled(stages, quick: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"torch compiled ({device.type})"
@@ -146,7 +152,7 @@ def _compiled(stages, quick: bool) -> dict:
         from .backends import TorchBackend
 
         torch._dynamo.reset()  # a model compiled for an earlier task otherwise breaks this one's guards
-        runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in stages], device)
+        runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in _copies(stages)], device)
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
         runner.name = name
         return {"name": runner.name, "available": True, "runner": runner}
@@ -183,7 +189,8 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
 
     A CUDA backend's `transfers` (host->device, device->host, measured with CUDA events) are
     summed per run; backends without them report None."""
-    kw = dict(out_dtype="input", progress=False, log=lambda m: None)
+    # a TensorRT engine only takes the tiles its profiles were built for
+    kw = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
     enhance_file(runner, config, warmup, dst, options, **kw)  # warm-up: first-call set-up on a small crop
     transfers = getattr(runner, "transfers", None)
     compute, total, h2d, d2h = [], [], [], []
@@ -202,6 +209,7 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
     return {"compute": stats, "file_to_file": summarize(total), "file_to_file_s": float(np.median(total)),
             "host_to_device": summarize(h2d) if h2d else None, "device_to_host": summarize(d2h) if d2h else None,
             "voxels_per_s": out_voxels / stats["median"], "peak_rss_mib": rss.peak / 2**20,
+            "rss_added_mib": (rss.peak - rss.start) / 2**20,
             "peak_device_mib": None if rss.device_peak is None else rss.device_peak / 2**20,
             "tile": list(r.tile), "block_voxels": r.block}
 
@@ -218,9 +226,9 @@ def time_series(model_path: Path, backend: str, files: Sequence[Path], outdir: P
     file) and the per-file time of the rest."""
     from .backends import open_backend
 
-    quiet = dict(out_dtype="input", progress=False, log=lambda m: None)
     start = time.perf_counter()
     config, runner = open_backend(str(model_path), backend, "auto", log=lambda m: None)
+    quiet = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
     load_s = time.perf_counter() - start
     first_s, per_file = None, []
     for i, path in enumerate(files):
@@ -329,8 +337,9 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                         report["failed"].append({"task": task.name, "mode": mode, "backend": b["name"], "error": reason})
                         log(f"  failed: {reason}")
                         continue
+                    paper = task.paper_s if mode == "full" else None  # the paper timed the full recipe only
                     row.update(task=task.name, mode=mode, backend=b["name"], input_shape=list(task.shape),
-                               paper_s=task.paper_s, speedup=speedup(task.paper_s, row["file_to_file_s"]))
+                               paper_s=paper, speedup=speedup(paper, row["file_to_file_s"]))
                     report["inference"].append(row)
                     log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
             report["series"] += _series(task, config, stages, data, work, quick, only, report["failed"], log)
@@ -421,7 +430,7 @@ def chart(report: dict, path: Path) -> None:
                   for g in groups]
         ax.bar(np.arange(len(groups)) + i * width, values, width, label=name)
     for j, g in enumerate(groups):
-        paper = PAPER.get(f"{g[0]}_s") if not report["quick"] else None
+        paper = PAPER.get(f"{g[0]}_s") if not report["quick"] and g[1] == "full" else None
         if paper:
             ax.hlines(paper, j - 0.1, j + 0.8, colors="k", linestyles="dashed")
             ax.text(j + 0.8, paper, " paper", va="center", fontsize=8)

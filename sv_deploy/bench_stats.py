@@ -56,14 +56,14 @@ def markdown(report: dict) -> str:
         "",
         "## Inference",
         "",
-        "| task | mode | backend | compute median s (min / p90) | file to file s | voxels/s | peak RAM MiB | paper s | speedup |",
+        "| task | mode | backend | compute median s (min / p90) | file to file s | voxels/s | peak RAM MiB (added by the row) | paper s (full recipe) | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["inference"]:
         c = r["compute"]
         lines.append(
             f"| {r['task']} | {r['mode']} | {r['backend']} | {c['median']:.3f} ({c['min']:.3f} / {c['p90']:.3f}) | "
-            f"{r['file_to_file_s']:.3f} | {r['voxels_per_s']:.3g} | {r['peak_rss_mib']:.0f} | "
+            f"{r['file_to_file_s']:.3f} | {r['voxels_per_s']:.3g} | {r['peak_rss_mib']:.0f}{_added(r)} | "
             f"{_fmt(r.get('paper_s'))} | {_fmt(r.get('speedup'), 'x')} |"
         )
     if report.get("series"):
@@ -95,6 +95,13 @@ def markdown(report: dict) -> str:
             lines.append(f"- {k}: torch / onnxruntime median time = {v:.2f}")
     lines += ["", "Not measured: " + "; ".join(report["not_measured"]) if report["not_measured"] else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _added(row: dict) -> str:
+    """The row's own share of the process's peak: what earlier rows left allocated (ONNX Runtime's
+    arena, caches) shows in the peak but not here."""
+    added = row.get("rss_added_mib")
+    return "" if added is None else f" (+{added:.0f})"
 
 
 def _fmt(value, suffix="") -> str:

@@ -67,7 +67,7 @@ def shrink_after_oom(exc: BaseException, tile: Tuple[int, int, int], block: int)
     needs smaller passes only: the tile, whose halo is paid once per tile, stays as large as it was.
     Host memory (MemoryError) holds the tile's arrays, so both shrink; so does the tile once passes
     cannot get smaller."""
-    smaller_tile = tuple(max(m, t // 2) for t, m in zip(tile, (1, 8, 8)))
+    smaller_tile = tuple(max(min(m, t), t // 2) for t, m in zip(tile, (1, 8, 8)))  # never larger than asked
     smaller_block = max(1, block // 2)
     if isinstance(exc, MemoryError) or smaller_block == block:
         return smaller_tile, smaller_block
@@ -88,6 +88,9 @@ def enhance_file(
     log: Callable[[str], None] = print,
 ) -> FileResult:
     start = time.perf_counter()
+    # Half of what is free before the input is read: the plan counts the input itself (`plan_bytes`),
+    # so measuring after reading would charge it twice and refuse volumes that fit.
+    budget = max_memory or default_budget()
     vol = read_input(input_path, read)
     factors = config.total_factors()
     if vol.axes == "YX" and factors[0] != 1:
@@ -114,7 +117,6 @@ def enhance_file(
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start
     shape = tuple(n * f for n, f in zip(x.shape, factors))
-    budget = max_memory or default_budget()
     if not options.block:
         device_free = getattr(runner, "free_device_memory", lambda: None)()
         options = replace(options, block=choose_block(budget, config.stages, config.arch, options.ensemble,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -59,8 +59,9 @@ def session_options(threads: Optional[int] = None):
     return opts
 
 
-def pick_providers(device: str) -> List[str]:
-    """auto: CUDA when onnxruntime-gpu offers it, else CPU; cuda: CUDA required (with CPU fallback)."""
+def pick_providers(device: str) -> List[Union[str, Tuple[str, dict]]]:
+    """auto: CUDA when onnxruntime-gpu offers it, else CPU; cuda[:N]: CUDA required, on GPU N (with
+    CPU fallback)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -71,7 +72,16 @@ def pick_providers(device: str) -> List[str]:
             "ONNX Runtime here has no CUDA execution provider; install onnxruntime-gpu "
             "(pip install 'sv-deploy[gpu]') or use --device cpu"
         )
-    return [CUDA, CPU] if CUDA in available else [CPU]
+    if CUDA not in available:
+        return [CPU]
+    index = device.partition(":")[2] if device.startswith("cuda") else ""
+    if index and not index.isdigit():
+        raise UserError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
+    return [(CUDA, {"device_id": int(index or 0)}), CPU]
+
+
+def _names(providers) -> List[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 class OnnxRuntimeBackend:
@@ -93,7 +103,7 @@ class OnnxRuntimeBackend:
         ]
         self._chain = None
         active = self.sessions[0].get_providers()
-        if CUDA in providers and CUDA not in active:
+        if CUDA in _names(providers) and CUDA not in active:
             log("warning: ONNX Runtime could not start its CUDA execution provider; running on CPU")
         self.name = f"onnxruntime ({'cuda' if CUDA in active else 'cpu'}, {'fp16' if self.dtype == np.float16 else 'fp32'})"
         self._providers, self._opts = providers, opts

@@ -28,21 +28,26 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
     """
     q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
     errors: List[BaseException] = []
+    stop = threading.Event()  # set when the caller gives up, even after it handed over every item
 
     def feed() -> Iterator[T]:
         while True:
             item = q.get()
+            if item is _ABORT or (item is _DONE and stop.is_set()):
+                raise Aborted()
             if item is _DONE:
                 return
-            if item is _ABORT:
-                raise Aborted()
             yield item
+
+    finished = threading.Event()  # not Thread.is_alive: an interrupted join() can leave it False early
 
     def work() -> None:
         try:
             consumer(feed())
         except BaseException as exc:  # handed back to the calling thread
             errors.append(exc)
+        finally:
+            finished.set()
 
     def put(item) -> None:
         while True:
@@ -60,8 +65,12 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
         for item in items:
             put(item)
         put(_DONE)
+        # Ctrl-C while the writer finishes the last slabs lands here too, and must discard the
+        # output as it would earlier (a complete-looking file after "not written" otherwise).
+        finished.wait()
     except BaseException:
-        while worker.is_alive():
+        stop.set()
+        while not finished.is_set():
             try:
                 q.put(_ABORT, timeout=0.1)
                 break
@@ -70,8 +79,7 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
                     q.get_nowait()
                 except queue.Empty:
                     pass
-        worker.join()
+        finished.wait()
         raise
-    worker.join()
     if errors:
         raise errors[0]

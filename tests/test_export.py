@@ -11,6 +11,7 @@ from sv_deploy import onnx_graph, shuffle_op
 from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ModelConfig
 from sv_deploy.enhance import InferenceOptions, enhance_volume
+from sv_deploy.errors import UserError
 from sv_deploy.export import Chain, to_onnx
 from sv_deploy.metrics import psnr
 from sv_deploy.model import SVStage
@@ -169,3 +170,17 @@ def test_averaged_networks_export_as_one_graph_and_match():
         ref = (sum(s(torch.from_numpy(x)) for s in members) / 3).numpy()
     got = OnnxRuntimeBackend(model, device="cpu").run_chain(x)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+
+
+def test_onnxruntime_runs_on_the_gpu_it_is_told(monkeypatch):
+    """--device cuda:1 must reach ONNX Runtime as device_id 1 (bare provider names mean GPU 0)."""
+    import onnxruntime as ort
+
+    from sv_deploy.ort_backend import pick_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert pick_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert pick_providers("auto")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert pick_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="cuda:x"):
+        pick_providers("cuda:x")

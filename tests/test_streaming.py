@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
@@ -43,6 +44,37 @@ def test_write_behind_aborts_the_writer_when_the_producer_fails():
 
     with pytest.raises(ValueError, match="boom"):
         write_behind(consumer, failing())
+    assert seen == [1, "aborted"]
+
+
+def test_ctrl_c_while_the_writer_finishes_discards_the_output():
+    """Every slab handed over, the writer still busy with the last one: Ctrl-C must still abort
+    it, or a complete-looking output would appear after "not written"."""
+    import signal
+
+    seen = []
+
+    def slow_consumer(items):
+        try:
+            for item in items:
+                time.sleep(0.6)  # writing the last slab
+                seen.append(item)
+        except Aborted:
+            seen.append("aborted")
+            raise
+        seen.append("renamed")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # lands in the final wait for the writer
+        with pytest.raises(KeyboardInterrupt):
+            write_behind(slow_consumer, iter([1]))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
     assert seen == [1, "aborted"]
 
 
@@ -130,7 +162,28 @@ def test_sizes_and_names():
     assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1000) == ((12, 48, 48), 500)
     assert shrink_after_oom(MemoryError(), (12, 48, 48), 1000) == ((6, 24, 24), 500)
     assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1) == ((6, 24, 24), 1)
+    assert shrink_after_oom(MemoryError(), (4, 4, 4), 1000) == ((2, 4, 4), 500)  # a small tile never grows
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, monkeypatch):
+    """The plan counts the input (`plan_bytes`); a budget measured after loading it would count it
+    twice and refuse volumes that fit."""
+    import sv_deploy.enhance_file as ef
+    from sv_deploy.backends import TorchBackend
+    from sv_deploy.enhance import InferenceOptions
+    from sv_deploy.model_file import load_model
+
+    events = []
+    real_read = ef.read_input
+    monkeypatch.setattr(ef, "default_budget", lambda: events.append("budget") or 2**30)
+    monkeypatch.setattr(ef, "read_input", lambda *a: events.append("read") or real_read(*a))
+    src = tmp_path / "in.tif"
+    write_volume(src, [np.random.default_rng(0).integers(0, 200, (6, 20, 20), dtype=np.uint8)], (6, 20, 20), np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    config, stages, _ = load_model(model_file)
+    ef.enhance_file(TorchBackend(stages, torch.device("cpu")), config, src, tmp_path / "o.ome.tif",
+                    InferenceOptions(ensemble=False, bp_iters=0), progress=False, log=lambda m: None)
+    assert events == ["budget", "read"]
 
 
 @pytest.mark.parametrize("stages", [((2, 2, 2),), ((2, 2, 2), (2, 2, 2)), ((1, 2, 2),)])
