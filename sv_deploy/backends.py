@@ -12,7 +12,7 @@ import torch
 
 from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
-from .model import SVStage
+from .model import SVStage, fold_stages
 
 
 class Backend(Protocol):
@@ -37,10 +37,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class TorchBackend:
-    def __init__(self, stages: Sequence[SVStage], device: torch.device):
+    """With `fold_ensemble`, each network pass computes the whole 8-way ensemble (`model.fold_ensemble`)."""
+
+    def __init__(self, stages: Sequence[SVStage], device: torch.device, fold_ensemble: bool = False):
         self.name = f"torch ({device.type})"
         self.device = device
-        self.stages: List[SVStage] = [s.to(device).eval() for s in stages]
+        self.folded_ensemble = fold_ensemble
+        self.stages: List[SVStage] = [s.to(device).eval() for s in (fold_stages(stages) if fold_ensemble else stages)]
         self._per_sample = device.type == "cpu"
         self.transfers = None  # TransferTimes on CUDA: host->device, compute, device->host
         if device.type == "cuda":
@@ -98,8 +101,11 @@ def auto_backend(kind: str, device: str) -> str:
     return "onnxruntime"
 
 
-def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print):
-    """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest."""
+def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print, ensemble: bool = False):
+    """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest.
+
+    With `ensemble`, a .svmodel runs the self-ensemble folded into one network pass (the same
+    result, faster); such a backend then only serves runs with the ensemble."""
     kind = model_kind(path)
     if backend == "auto":
         backend = auto_backend(kind, device)
@@ -109,7 +115,7 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
         from .model_file import load_model
 
         config, stages, _ = load_model(path)
-        return config, TorchBackend(stages, pick_device(device))
+        return config, TorchBackend(stages, pick_device(device), fold_ensemble=ensemble)
     if backend == "onnxruntime":
         from .ort_backend import OnnxRuntimeBackend
 
@@ -120,7 +126,7 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
             from .onnx_cache import cached_export
 
             config, stages, digest = load_model(path)
-            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log), device=device, log=log)
+            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log, folded=ensemble), device=device, log=log)
         else:
             runner = OnnxRuntimeBackend(path, device=device, log=log)
         return runner.config, runner

@@ -114,10 +114,16 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
     from .backends import TorchBackend
 
     # each runner its own copy: TorchBackend moves the modules to its device in place
-    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(_copies(stages), torch.device("cpu"))}]
+    # "runner_full": the same backend with the ensemble folded into its passes, as `infer` runs
+    # the full recipe (model.fold_ensemble)
+    cpu = torch.device("cpu")
+    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(_copies(stages), cpu),
+              "runner_full": TorchBackend(_copies(stages), cpu, fold_ensemble=True)}]
     cuda = torch.cuda.is_available()
+    gpu = torch.device("cuda")
     found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
-                  "runner": TorchBackend(_copies(stages), torch.device("cuda")) if cuda else None})
+                  "runner": TorchBackend(_copies(stages), gpu) if cuda else None,
+                  "runner_full": TorchBackend(_copies(stages), gpu, fold_ensemble=True) if cuda else None})
     found.append(_compiled(stages, quick))
     try:
         import onnxruntime as ort
@@ -126,12 +132,15 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
         from .ort_backend import OnnxRuntimeBackend
 
         graph = to_onnx(config, stages, "0" * 64)
+        folded = to_onnx(config, stages, "0" * 64, folded_ensemble=True)
         found.append({"name": "onnxruntime (cpu)", "available": True,
-                      "runner": OnnxRuntimeBackend(graph, device="cpu", log=log)})
+                      "runner": OnnxRuntimeBackend(graph, device="cpu", log=log),
+                      "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log)})
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         found.append({"name": "onnxruntime (cuda)", "available": has_cuda,
                       "reason": None if has_cuda else "onnxruntime-gpu not installed (CUDA execution provider missing)",
-                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None})
+                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None,
+                      "runner_full": OnnxRuntimeBackend(folded, device="cuda", log=log) if has_cuda else None})
     except ImportError as exc:
         found.append({"name": "onnxruntime (cpu)", "available": False, "reason": f"not installed ({exc})"})
         graph = None
@@ -227,7 +236,7 @@ def time_series(model_path: Path, backend: str, files: Sequence[Path], outdir: P
     from .backends import open_backend
 
     start = time.perf_counter()
-    config, runner = open_backend(str(model_path), backend, "auto", log=lambda m: None)
+    config, runner = open_backend(str(model_path), backend, "auto", log=lambda m: None, ensemble=options.ensemble)
     quiet = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
     load_s = time.perf_counter() - start
     first_s, per_file = None, []
@@ -330,7 +339,8 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                         continue
                     log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}: {b['name']} ...")
                     try:
-                        row = time_file(b["runner"], config, src, warmup, work / "out.ome.tif", options,
+                        runner = b.get("runner_full") if mode == "full" and b.get("runner_full") else b["runner"]
+                        row = time_file(runner, config, src, warmup, work / "out.ome.tif", options,
                                         1 if quick else runs, min_seconds)
                     except Exception as exc:  # noqa: BLE001 - a backend that breaks is reported, not fatal
                         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__

@@ -250,7 +250,8 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
 
 def _prepare_cpu_inference(config, stages, digest) -> None:
-    """Fill the export cache now, so the first `infer` on a CPU does not pay the export (~5 s)."""
+    """Fill the export cache now, so the first `infer` on a CPU does not pay the export (~5 s); the
+    export infer uses by default, with the ensemble folded in."""
     from .backends import auto_backend
 
     if auto_backend("svmodel", "auto") != "onnxruntime":
@@ -258,7 +259,7 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
     from .onnx_cache import cached_export
 
     try:
-        cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None)
+        cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None, folded=True)
     except Exception as exc:  # noqa: BLE001 - the model file is written; the cache is only a speed-up
         click.echo(f"warning: could not prepare the ONNX Runtime export ({type(exc).__name__}); "
                    "'infer' will try again", err=True)
@@ -324,9 +325,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     if budget is not None and budget <= 0:
         raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    config, runner = open_backend(model, backend, device, log=log)
+    config, runner = open_backend(model, backend, device, log=log, ensemble=ensemble)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters, interpolate=config.interpolation_stages())
-    for i in options.interpolate:
+    for i in options.interpolate if not quiet else ():
         log(f"stage {i + 1}: its network learned nothing in training, so it runs as cubic interpolation "
             "(the same result, without the network)")
     read = ReadOptions(axes, channel, time_index, voxel_size, series)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .backends import Backend
 from .config import ArchConfig, Factors, Shape3, total_factors
+from .errors import UserError
 from .geometry import ensemble_transforms, forward, inverse
 from .progress import progress_bar
 from .resize import downsample, round_trip, upsample
@@ -106,11 +107,12 @@ def enhance_block(
     little more than its core), and the result is cropped to the core.
     """
     margins = [list(m) for m in margins] if margins else None
+    folded = check_folded(backend, options)
     for i, factors in enumerate(stages):
         if i in options.interpolate:
             y = upsample(x, factors)
         else:
-            transforms = ensemble_transforms(factors, options.ensemble)
+            transforms = ensemble_transforms(factors, options.ensemble and not folded)
             y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         x = back_project(y, x, factors, options.bp_iters)
         if value_range is not None:
@@ -125,6 +127,16 @@ def enhance_block(
                 cut.append(slice(cut_lo, x.shape[a] - cut_hi))
             x = x[tuple(cut)]
     return x.astype(np.float32, copy=False)
+
+
+def check_folded(backend: Backend, options: InferenceOptions) -> bool:
+    """Whether the backend's network passes compute the ensemble themselves (`model.fold_ensemble`);
+    such a backend cannot run without it."""
+    folded = bool(getattr(backend, "folded_ensemble", False))
+    if folded and not options.ensemble:
+        raise UserError("this model runs the self-ensemble inside its network (an export made for it); "
+                        "drop --no-ensemble, or use the .svmodel file")
+    return folded
 
 
 def iter_slabs(
@@ -144,7 +156,8 @@ def iter_slabs(
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, factors)
     out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
-    bar = progress_bar(sum(tile_work(t, stages, options) for t in tiles), "enhance", "vox", progress,
+    folded = check_folded(backend, options)
+    bar = progress_bar(sum(tile_work(t, stages, options, folded) for t in tiles), "enhance", "vox", progress,
                        unit_scale=True)
     counting = _Counting(backend, bar)
     try:
@@ -154,7 +167,7 @@ def iter_slabs(
             slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
             for tile in group:
                 margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-                counting.limit = done + tile_work(tile, stages, options)
+                counting.limit = done + tile_work(tile, stages, options, folded)
                 block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
                 _fill(slab, tile, block)
                 bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
@@ -164,13 +177,13 @@ def iter_slabs(
         bar.close()
 
 
-def tile_work(tile: Tile, stages: Sequence[Factors], options: InferenceOptions) -> int:
+def tile_work(tile: Tile, stages: Sequence[Factors], options: InferenceOptions, folded: bool = False) -> int:
     """Voxels the network reads for a tile, about (each stage on the whole read region): the unit of
     the progress bar, which a volume in one tile would otherwise leave at 0/1 until the end."""
     voxels, total = int(np.prod([r1 - r0 for r0, r1 in tile.read])), 0
     for i, factors in enumerate(stages):
         if i not in options.interpolate:
-            total += voxels * len(ensemble_transforms(factors, options.ensemble))
+            total += voxels * len(ensemble_transforms(factors, options.ensemble and not folded))
         voxels *= int(np.prod(factors))
     return total
 
@@ -181,6 +194,7 @@ class _Counting:
     def __init__(self, backend: Backend, bar):
         self.backend, self.bar, self.limit = backend, bar, 0
         self.name = backend.name
+        self.folded_ensemble = getattr(backend, "folded_ensemble", False)
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         y = self.backend.predict(stage, x)

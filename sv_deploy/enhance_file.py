@@ -16,6 +16,7 @@ import numpy as np
 from .config import ModelConfig
 from .enhance import InferenceOptions, iter_slabs
 from .errors import UserError
+from .geometry import ensemble_transforms
 from .memory import choose_block, choose_tile, default_budget
 from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
@@ -74,6 +75,15 @@ def shrink_after_oom(exc: BaseException, tile: Tuple[int, int, int], block: int)
     return tuple(tile), smaller_block
 
 
+def memory_view(runner, config, options):
+    """(arch, ensemble) as the memory plan should see the passes: a folded ensemble is one pass
+    through a network with a copy of the members per ensemble transform."""
+    if not getattr(runner, "folded_ensemble", False):
+        return config.arch, options.ensemble
+    copies = max(len(ensemble_transforms(f, True)) for f in config.stages)
+    return replace(config.arch, members=config.arch.members * copies), False
+
+
 def enhance_file(
     runner,
     config: ModelConfig,
@@ -91,6 +101,7 @@ def enhance_file(
     # Half of what is free before the input is read: the plan counts the input itself (`plan_bytes`),
     # so measuring after reading would charge it twice and refuse volumes that fit.
     budget = max_memory or default_budget()
+    arch, ensemble = memory_view(runner, config, options)
     vol = read_input(input_path, read)
     factors = config.total_factors()
     if vol.axes == "YX" and factors[0] != 1:
@@ -119,10 +130,9 @@ def enhance_file(
     shape = tuple(n * f for n, f in zip(x.shape, factors))
     if not options.block:
         device_free = getattr(runner, "free_device_memory", lambda: None)()
-        options = replace(options, block=choose_block(budget, config.stages, config.arch, options.ensemble,
-                                                       device_free))
+        options = replace(options, block=choose_block(budget, config.stages, arch, ensemble, device_free))
     if tile is None:
-        tile = choose_tile(budget, x.shape, config.stages, config.arch, options.bp_iters, options.ensemble,
+        tile = choose_tile(budget, x.shape, config.stages, arch, options.bp_iters, ensemble,
                            dtype.itemsize, AUTO_TILE_LIMIT, options.block)
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "

@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__, onnx_graph
 from .config import ModelConfig
 from .errors import UserError
-from .model import SVStage
+from .model import SVStage, fold_stages
 from .volume_io import atomic_output
 
 PRECISIONS = ("fp32", "fp16")
@@ -51,9 +51,15 @@ def _strip_trace_metadata(model: onnx.ModelProto) -> None:
         del value.metadata_props[:]
 
 
-def to_onnx(config: ModelConfig, stages: List[SVStage], source_sha256: str, precision: str = "fp32") -> onnx.ModelProto:
+def to_onnx(config: ModelConfig, stages: List[SVStage], source_sha256: str, precision: str = "fp32",
+            folded_ensemble: bool = False) -> onnx.ModelProto:
+    """The chained stages as one ONNX graph; with `folded_ensemble` each stage computes its whole
+    self-ensemble in one pass (`model.fold_ensemble`; marked in the metadata, and such a graph
+    then only serves runs with the ensemble)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; use fp32 or fp16")
+    if folded_ensemble:
+        stages = fold_stages(stages)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     chain = Chain([copy.deepcopy(s).cpu() for s in stages]).to(dtype).eval()
     planar = config.axes == "YX"  # a 2D model: depth fixed at 1, single-plane convolutions in the graph
@@ -80,6 +86,7 @@ def to_onnx(config: ModelConfig, stages: List[SVStage], source_sha256: str, prec
         "stage_tensors": json.dumps(names),
         "halo": str(config.arch.halo()),
         "precision": precision,
+        "folded_ensemble": "1" if folded_ensemble else "0",
         "source_sha256": source_sha256,
         "versions": json.dumps({
             "sv_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,

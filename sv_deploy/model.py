@@ -8,8 +8,9 @@ for export, and a network that learns nothing still returns interpolation instea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from . import shuffle_op
 from .config import ArchConfig, Factors
+from .geometry import Transform, ensemble_transforms, inverse
 from .resize import phase_weights
 
 
@@ -147,15 +149,16 @@ def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
 
 def merge_members(members: Sequence[SVStage]) -> SVStage:
-    """One stage whose output is the mean of the given single-member stages' outputs.
+    """One stage whose output is the mean of the given stages' outputs.
 
-    The members' feature channels are stacked side by side and kept apart by grouped
-    convolutions; the shared expansion divides each member's weights by their count. Exact up to
-    float rounding, and a plain `SVStage` for every backend and the export.
+    The stages' feature channels are stacked side by side and kept apart by grouped
+    convolutions; the shared expansion divides each stage's weights by their count. Each given
+    stage may itself hold several members. Exact up to float rounding, and a plain `SVStage` for
+    every backend and the export.
     """
     first = members[0]
     k = len(members)
-    arch = dataclasses.replace(first.arch, members=k)
+    arch = dataclasses.replace(first.arch, members=sum(m.arch.members for m in members))
     merged = SVStage(first.factors, arch)
     states = [m.state_dict() for m in members]
     with torch.no_grad():
@@ -168,6 +171,47 @@ def merge_members(members: Sequence[SVStage]) -> SVStage:
             else:
                 tensor.copy_(torch.cat(parts, dim=0))
     return merged.eval()
+
+
+def fold_ensemble(stage: SVStage, transforms: Sequence[Transform]) -> SVStage:
+    """One stage computing the geometric self-ensemble of `stage` in a single pass.
+
+    Running the network on a turned or flipped input and undoing the turn on the output equals
+    running a network whose kernels are turned the other way and whose sub-pixel phases are
+    permuted (convolutions and replicate padding commute with these grid symmetries; the
+    interpolation path is the same for all). So the ensemble mean is the mean of transformed
+    copies, merged as members: the same multiply-adds, but one input, one interpolation, one
+    pixel shuffle, and no turned copies of the input and output (BENCH.md, session 11).
+    """
+    return merge_members([_transformed(stage, t) for t in transforms])
+
+
+def fold_stages(stages: Sequence[SVStage]) -> list:
+    """Each stage with its full ensemble (`geometry.ensemble_transforms`) folded in."""
+    return [fold_ensemble(s, ensemble_transforms(s.factors, True)) for s in stages]
+
+
+def _transformed(stage: SVStage, t: Transform) -> SVStage:
+    turns, flip = t
+    out = copy.deepcopy(stage)
+    with torch.no_grad():
+        for module in out.modules():
+            if isinstance(module, nn.Conv3d):  # the kernel undergoes the inverse transform (geometry.inverse)
+                w = torch.flip(module.weight, (-1,)) if flip else module.weight
+                module.weight.copy_(torch.rot90(w, -turns, (-2, -1)))
+        order = list(phase_order(stage.factors, t))
+        out.expand.weight.copy_(out.expand.weight[order])
+        out.expand.bias.copy_(out.expand.bias[order])
+    return out
+
+
+def phase_order(factors: Sequence[int], t: Transform) -> Tuple[int, ...]:
+    """Which sub-pixel phase lands on each phase when the output of a transformed input is
+    turned back: shuffle the phase numbers, undo the transform, read them back in channel order."""
+    rz, ry, rx = (int(f) for f in factors)
+    ids = np.arange(rz * ry * rx, dtype=np.float32).reshape(1, -1, 1, 1, 1)
+    block = inverse(pixel_shuffle_3d(torch.from_numpy(ids), (rz, ry, rx))[0, 0].numpy(), t)
+    return tuple(int(v) for v in block.reshape(-1))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -28,32 +28,35 @@ def cache_dir() -> Path:
     return Path(base) / "sv-deploy"
 
 
-def cache_path(sha256: str, folder: Optional[Path] = None) -> Path:
+def cache_path(sha256: str, folder: Optional[Path] = None, folded: bool = False) -> Path:
     torch_version = torch.__version__.split("+")[0]
-    return (folder or cache_dir()) / "onnx" / f"{sha256[:32]}-sv{__version__}-torch{torch_version}.onnx"
+    kind = "-ensemble" if folded else ""
+    return (folder or cache_dir()) / "onnx" / f"{sha256[:32]}{kind}-sv{__version__}-torch{torch_version}.onnx"
 
 
-def _matches(path: Path, sha256: str) -> Optional[onnx.ModelProto]:
+def _matches(path: Path, sha256: str, folded: bool) -> Optional[onnx.ModelProto]:
     try:
         model = onnx.load(str(path))
         meta = onnx_graph.verify(model)  # an edited entry fails its digest and is rebuilt
     except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
         return None
-    return model if meta.get("source_sha256") == sha256 else None
+    same = meta.get("source_sha256") == sha256 and (meta.get("folded_ensemble") == "1") == folded
+    return model if same else None
 
 
-def cached_export(config, stages, sha256: str, log: Callable[[str], None] = print) -> onnx.ModelProto:
-    """The model's fp32 ONNX export, from the cache when a matching entry exists."""
+def cached_export(config, stages, sha256: str, log: Callable[[str], None] = print, folded: bool = False) -> onnx.ModelProto:
+    """The model's fp32 ONNX export (with the self-ensemble folded in when `folded`), from the
+    cache when a matching entry exists."""
     from .export import save_onnx, to_onnx
 
-    path = cache_path(sha256)
+    path = cache_path(sha256, folded=folded)
     if path.is_file():
-        model = _matches(path, sha256)
+        model = _matches(path, sha256, folded)
         if model is not None:
             return model
         log(f"cached export {path} does not match the model; exporting again")
     log("exporting the model to ONNX once for ONNX Runtime (the faster CPU path)")
-    model = to_onnx(config, stages, sha256)
+    model = to_onnx(config, stages, sha256, folded_ensemble=folded)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_onnx(model, path)

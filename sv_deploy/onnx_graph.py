@@ -17,7 +17,7 @@ from . import shuffle_op
 
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads at most IR 13; TensorRT 10 parsers want <= 10
 META_FORMAT = "sv-deploy-onnx"
-META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision",
+META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision", "folded_ensemble",
              "source_sha256", "versions", "sha256")
 
 

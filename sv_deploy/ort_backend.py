@@ -93,6 +93,7 @@ class OnnxRuntimeBackend:
             model = load_onnx(model)
         self.model = model
         self.config = onnx_config(model)
+        self.folded_ensemble = onnx_graph.read_metadata(model).get("folded_ensemble") == "1"
         self.dtype = np.float16 if onnx_graph.is_fp16(model) else np.float32
         providers = pick_providers(device)
         opts = session_options(threads)

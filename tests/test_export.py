@@ -117,6 +117,24 @@ def test_tiled_ensemble_volume_matches_torch(x2, x2_onnx):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
 
 
+def test_folded_ensemble_runs_the_same_full_recipe_in_one_pass_per_tile(x4):
+    """The x4 full recipe (ensemble, back-projection, several tiles) with the ensemble folded
+    into the graph and into torch equals the 8 passes per tile; without the ensemble it refuses."""
+    config, stages, x = x4
+    options = InferenceOptions(ensemble=True, bp_iters=2, tile=(6, 20, 20))
+    volume = x[:10, :40, :36]
+    ref = enhance_volume(TorchBackend(stages, torch.device("cpu")), config.stages, config.arch, volume, options)
+    folded = OnnxRuntimeBackend(to_onnx(config, stages, "0" * 64, folded_ensemble=True), device="cpu")
+    assert folded.folded_ensemble and not OnnxRuntimeBackend(to_onnx(config, stages, "0" * 64)).folded_ensemble
+    got = enhance_volume(folded, config.stages, config.arch, volume, options)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+    in_torch = TorchBackend(copy.deepcopy(stages), torch.device("cpu"), fold_ensemble=True)
+    np.testing.assert_allclose(enhance_volume(in_torch, config.stages, config.arch, volume, options), ref,
+                               rtol=0, atol=1e-5 * value_range(ref))
+    with pytest.raises(UserError, match="--no-ensemble"):
+        enhance_volume(folded, config.stages, config.arch, volume, InferenceOptions(ensemble=False))
+
+
 def test_fp16_export_stays_close(x2, x2_onnx):
     """fp16 bound: PSNR of the fp16 graph against fp32 stays above 60 dB on the real crop."""
     config, stages, x = x2

@@ -112,3 +112,27 @@ def test_merged_members_output_the_mean_of_the_members(factors, groups, shape):
         mean = sum(m(x) for m in members) / 3
         torch.testing.assert_close(merged(x), mean, rtol=1e-5, atol=1e-5)
         assert (members[0](x) - mean).abs().max() > 1e-3  # the members really differ
+
+
+@pytest.mark.parametrize("factors, members", [((2, 2, 2), 1), ((1, 2, 2), 3), ((1, 2, 4), 1), ((3, 3, 3), 1)])
+def test_folded_ensemble_equals_the_ensemble_of_passes(factors, members):
+    """One pass of the folded network = the mean of the network over the turned and flipped
+    inputs, each turned back (the recipe's 8-way ensemble; 4-way when y and x factors differ)."""
+    from sv_deploy.backends import TorchBackend
+    from sv_deploy.enhance import predict_ensemble
+    from sv_deploy.geometry import ensemble_transforms
+    from sv_deploy.model import fold_ensemble, merge_members
+
+    torch.manual_seed(0)
+    stage = merge_members([SVStage(factors) for _ in range(members)])
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # far from interpolation, so every weight matters
+    transforms = ensemble_transforms(factors, True)
+    folded = fold_ensemble(stage, transforms)
+    assert folded.arch.members == members * len(transforms)
+    x = np.random.default_rng(1).random((6, 13, 11)).astype(np.float32)  # y != x: turns change the shape
+    want = predict_ensemble(TorchBackend([stage], torch.device("cpu")), 0, x, transforms)
+    with torch.no_grad():
+        got = folded(torch.from_numpy(x)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
