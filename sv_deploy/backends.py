@@ -104,8 +104,11 @@ def auto_backend(kind: str, device: str) -> str:
 def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print, ensemble: bool = False):
     """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest.
 
-    With `ensemble`, a .svmodel runs the self-ensemble folded into one network pass (the same
-    result, faster); such a backend then only serves runs with the ensemble."""
+    With `ensemble`, a .svmodel on ONNX Runtime's CPU path runs the self-ensemble folded into one
+    network pass (the same result; 3D full recipe 148 -> 122 s on 2 cores, BENCH.md session 11);
+    such a backend then only serves runs with the ensemble. torch keeps eight passes: its grouped
+    3D convolutions made the folded network slower on the CPU (216 -> 308 s), and no GPU has
+    measured either way."""
     kind = model_kind(path)
     if backend == "auto":
         backend = auto_backend(kind, device)
@@ -115,7 +118,7 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
         from .model_file import load_model
 
         config, stages, _ = load_model(path)
-        return config, TorchBackend(stages, pick_device(device), fold_ensemble=ensemble)
+        return config, TorchBackend(stages, pick_device(device))
     if backend == "onnxruntime":
         from .ort_backend import OnnxRuntimeBackend
 
@@ -124,9 +127,11 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
         if kind == "svmodel":
             from .model_file import load_model
             from .onnx_cache import cached_export
+            from .ort_backend import CPU, pick_providers
 
             config, stages, digest = load_model(path)
-            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log, folded=ensemble), device=device, log=log)
+            folded = ensemble and pick_providers(device) == [CPU]
+            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log, folded=folded), device=device, log=log)
         else:
             runner = OnnxRuntimeBackend(path, device=device, log=log)
         return runner.config, runner

@@ -114,16 +114,10 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
     from .backends import TorchBackend
 
     # each runner its own copy: TorchBackend moves the modules to its device in place
-    # "runner_full": the same backend with the ensemble folded into its passes, as `infer` runs
-    # the full recipe (model.fold_ensemble)
-    cpu = torch.device("cpu")
-    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(_copies(stages), cpu),
-              "runner_full": TorchBackend(_copies(stages), cpu, fold_ensemble=True)}]
+    found = [{"name": "torch eager (cpu)", "available": True, "runner": TorchBackend(_copies(stages), torch.device("cpu"))}]
     cuda = torch.cuda.is_available()
-    gpu = torch.device("cuda")
     found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
-                  "runner": TorchBackend(_copies(stages), gpu) if cuda else None,
-                  "runner_full": TorchBackend(_copies(stages), gpu, fold_ensemble=True) if cuda else None})
+                  "runner": TorchBackend(_copies(stages), torch.device("cuda")) if cuda else None})
     found.append(_compiled(stages, quick))
     try:
         import onnxruntime as ort
@@ -133,14 +127,14 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
 
         graph = to_onnx(config, stages, "0" * 64)
         folded = to_onnx(config, stages, "0" * 64, folded_ensemble=True)
+        # "runner_full": the ensemble folded into each pass, as `infer` runs the full recipe there
         found.append({"name": "onnxruntime (cpu)", "available": True,
                       "runner": OnnxRuntimeBackend(graph, device="cpu", log=log),
                       "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log)})
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         found.append({"name": "onnxruntime (cuda)", "available": has_cuda,
                       "reason": None if has_cuda else "onnxruntime-gpu not installed (CUDA execution provider missing)",
-                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None,
-                      "runner_full": OnnxRuntimeBackend(folded, device="cuda", log=log) if has_cuda else None})
+                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None})
     except ImportError as exc:
         found.append({"name": "onnxruntime (cpu)", "available": False, "reason": f"not installed ({exc})"})
         graph = None

@@ -265,7 +265,7 @@ def train_stages(
         trained.append(stage)
         reports.append(report)
         if i + 1 < len(stages):
-            backend = TorchBackend([stage], device, fold_ensemble=True)
+            backend = TorchBackend([stage], device)
             options = InferenceOptions(interpolate=(0,) if report.is_dead() else ())
             x = enhance_volume(backend, [factors], arch, x, options, progress, value_range)
     return trained, reports
