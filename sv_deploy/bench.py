@@ -126,11 +126,12 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
         from .ort_backend import OnnxRuntimeBackend
 
         graph = to_onnx(config, stages, "0" * 64)
-        folded = to_onnx(config, stages, "0" * 64, folded_ensemble=True)
+        # --quick skips this second export (seconds): its full rows run the eight passes
+        folded = None if quick else to_onnx(config, stages, "0" * 64, folded_ensemble=True)
         # "runner_full": the ensemble folded into each pass, as `infer` runs the full recipe there
         found.append({"name": "onnxruntime (cpu)", "available": True,
                       "runner": OnnxRuntimeBackend(graph, device="cpu", log=log),
-                      "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log)})
+                      "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log) if folded else None})
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         found.append({"name": "onnxruntime (cuda)", "available": has_cuda,
                       "reason": None if has_cuda else "onnxruntime-gpu not installed (CUDA execution provider missing)",
