@@ -1,16 +1,20 @@
 """A per-user cache of ONNX exports, so a .svmodel runs on ONNX Runtime without re-exporting each call.
 
 ONNX Runtime is the faster CPU path (benchmarks/BENCH.md), but exporting costs seconds; the export
-is written once under the cache folder, named by the model's checksum and the versions that made
-it, and checked against that checksum and its own digest when read back. The cache is only a speed-up: when it cannot
+is written once under the cache folder, named by the model's checksum, the versions that made it
+and a digest of the code that writes the graph (so an edited or upgraded install never reuses an
+older graph under an unchanged version string), and checked against that checksum and its own
+digest when read back. The cache is only a speed-up: when it cannot
 be written the export stays in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import onnx
 import torch
@@ -28,10 +32,30 @@ def cache_dir() -> Path:
     return Path(base) / "sv-deploy"
 
 
+# The modules whose code decides the exported graph: the network, its folding, the interpolation
+# weights, the export and its graph surgery, the pixel-shuffle node.
+EXPORT_MODULES = ("model.py", "geometry.py", "resize.py", "export.py", "onnx_graph.py", "shuffle_op.py")
+
+
+def code_digest(paths: Iterable[Path]) -> str:
+    """sha256 over the files' names and bytes, in the given order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def export_code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    return code_digest(here / name for name in EXPORT_MODULES)
+
+
 def cache_path(sha256: str, folder: Optional[Path] = None, folded: bool = False) -> Path:
     torch_version = torch.__version__.split("+")[0]
     kind = "-ensemble" if folded else ""
-    return (folder or cache_dir()) / "onnx" / f"{sha256[:32]}{kind}-sv{__version__}-torch{torch_version}.onnx"
+    name = f"{sha256[:32]}{kind}-sv{__version__}-{export_code_digest()[:12]}-torch{torch_version}.onnx"
+    return (folder or cache_dir()) / "onnx" / name
 
 
 def _matches(path: Path, sha256: str, folded: bool) -> Optional[onnx.ModelProto]:

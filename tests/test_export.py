@@ -1,6 +1,7 @@
 """ONNX export and the ONNX Runtime backend, on the small model trained on the real fly-brain crop."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -202,3 +203,18 @@ def test_onnxruntime_runs_on_the_gpu_it_is_told(monkeypatch):
     assert pick_providers("cpu") == ["CPUExecutionProvider"]
     with pytest.raises(UserError, match="cuda:x"):
         pick_providers("cuda:x")
+
+
+def test_the_export_cache_is_keyed_by_the_code_that_writes_the_graph(tmp_path):
+    from sv_deploy import onnx_cache
+
+    a, b = tmp_path / "model.py", tmp_path / "export.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    before = onnx_cache.code_digest([a, b])
+    assert onnx_cache.code_digest([a, b]) == before
+    a.write_text("x = 2\n")  # an edited module gives another digest, so another cache entry
+    assert onnx_cache.code_digest([a, b]) != before
+    here = Path(onnx_cache.__file__).parent
+    assert all((here / name).is_file() for name in onnx_cache.EXPORT_MODULES)
+    assert onnx_cache.export_code_digest()[:12] in onnx_cache.cache_path("0" * 64, tmp_path).name
