@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_slabs
 from .errors import UserError
 from .geometry import ensemble_transforms
-from .memory import choose_block, choose_tile, default_budget
+from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget
 from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
@@ -67,9 +67,9 @@ def shrink_after_oom(exc: BaseException, tile: Tuple[int, int, int], block: int)
     """(tile, block) to retry with. A failed allocation inside a network pass (a GPU, ONNX Runtime)
     needs smaller passes only: the tile, whose halo is paid once per tile, stays as large as it was.
     Host memory (MemoryError) holds the tile's arrays, so both shrink; so does the tile once passes
-    cannot get smaller."""
+    cannot get smaller (`MIN_BLOCK_VOXELS`, or the size asked for when that is smaller)."""
     smaller_tile = tuple(max(min(m, t), t // 2) for t, m in zip(tile, (1, 8, 8)))  # never larger than asked
-    smaller_block = max(1, block // 2)
+    smaller_block = max(min(block, MIN_BLOCK_VOXELS), block // 2)
     if isinstance(exc, MemoryError) or smaller_block == block:
         return smaller_tile, smaller_block
     return tuple(tile), smaller_block

@@ -109,6 +109,9 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
 
 
 HOST_BLOCK_VOXELS = 2_000_000  # ONNX Runtime CPU is fastest near this network pass size (BENCH.md)
+# Out-of-memory retries stop halving passes here: a 16^3 read has a 4^3 core at halo 6, so a pass
+# is already almost all halo; halving further would crawl on to 1-voxel passes.
+MIN_BLOCK_VOXELS = 4_096
 
 
 def choose_block(budget: int, stages: Sequence[Factors], arch: ArchConfig, ensemble: bool,

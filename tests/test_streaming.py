@@ -12,7 +12,7 @@ import torch
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
 from sv_deploy.errors import UserError
-from sv_deploy.memory import choose_tile, parse_size, plan_bytes
+from sv_deploy.memory import MIN_BLOCK_VOXELS, choose_tile, parse_size, plan_bytes
 from sv_deploy.pipeline import Aborted, write_behind
 from sv_deploy.volume_io import read_volume, write_volume
 from sv_deploy.progress import LogProgress
@@ -159,10 +159,13 @@ def test_sizes_and_names():
     assert output_name("h.tif", (2, 2, 2), ReadOptions(channel=1, time=0)) == "h_c1_t0_x2.ome.tif"
     assert is_out_of_memory(MemoryError()) and is_out_of_memory(RuntimeError("CUDA out of memory."))
     # a pass that failed on the device shrinks the passes only; host memory shrinks the tile too
-    assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1000) == ((12, 48, 48), 500)
-    assert shrink_after_oom(MemoryError(), (12, 48, 48), 1000) == ((6, 24, 24), 500)
+    assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 100_000) == ((12, 48, 48), 50_000)
+    assert shrink_after_oom(MemoryError(), (12, 48, 48), 100_000) == ((6, 24, 24), 50_000)
     assert shrink_after_oom(RuntimeError("CUDA out of memory."), (12, 48, 48), 1) == ((6, 24, 24), 1)
-    assert shrink_after_oom(MemoryError(), (4, 4, 4), 1000) == ((2, 4, 4), 500)  # a small tile never grows
+    assert shrink_after_oom(MemoryError(), (4, 4, 4), 100_000) == ((2, 4, 4), 50_000)  # a small tile never grows
+    # passes stop halving at MIN_BLOCK_VOXELS (1-voxel passes would crawl); then the tile shrinks
+    assert shrink_after_oom(RuntimeError("failed to allocate"), (12, 48, 48), MIN_BLOCK_VOXELS + 99) == ((12, 48, 48), MIN_BLOCK_VOXELS)
+    assert shrink_after_oom(RuntimeError("failed to allocate"), (12, 48, 48), MIN_BLOCK_VOXELS) == ((6, 24, 24), MIN_BLOCK_VOXELS)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
