@@ -128,12 +128,13 @@ def enhance_file(
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start
     shape = tuple(n * f for n, f in zip(x.shape, factors))
+    # a GPU's network passes keep their activations on the device, not in the host budget
+    device_free = getattr(runner, "free_device_memory", lambda: None)()
     if not options.block:
-        device_free = getattr(runner, "free_device_memory", lambda: None)()
         options = replace(options, block=choose_block(budget, config.stages, arch, ensemble, device_free))
     if tile is None:
         tile = choose_tile(budget, x.shape, config.stages, arch, options.bp_iters, ensemble,
-                           dtype.itemsize, AUTO_TILE_LIMIT, options.block)
+                           dtype.itemsize, AUTO_TILE_LIMIT, options.block, on_device=device_free is not None)
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "

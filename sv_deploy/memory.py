@@ -30,13 +30,18 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def network_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int) -> int:
+def network_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, on_device: bool = False) -> int:
     """Working bytes of one network pass reading `voxels` input voxels: activations (two live
-    feature maps and a convolution workspace per member, fp32) and the members' sub-pixel outputs."""
+    feature maps and a convolution workspace per member, fp32) and the members' sub-pixel outputs.
+    With `on_device` (a GPU) the activations live there: the host holds only the pass's input and
+    its output (the pinned staging copies)."""
+    if on_device:
+        return voxels * 4 * batch * (1 + prod(factors))
     return voxels * 4 * batch * (2 * arch.features * arch.members + 64 + 3 * prod(factors))
 
 
-def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, block: int = 0) -> int:
+def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, block: int = 0,
+                on_device: bool = False) -> int:
     """Peak working bytes of one stage on a block of `voxels` input voxels, its network run on
     sub-blocks of at most `block` voxels (0: all at once).
 
@@ -45,19 +50,19 @@ def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, blo
     ensemble, ONNX Runtime): a network pass about 1.56 KB per voxel it reads (this gives 1.92 KB),
     the rest about 220 B per input voxel of the block (this gives 256).
     """
-    net = network_bytes(min(voxels, block) if block > 0 else voxels, factors, arch, batch)
+    net = network_bytes(min(voxels, block) if block > 0 else voxels, factors, arch, batch, on_device)
     return net + voxels * 4 * prod(factors) * 8
 
 
 def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, ensemble: bool,
-               volume: Shape3 = (1 << 30,) * 3, block: int = 0) -> int:
+               volume: Shape3 = (1 << 30,) * 3, block: int = 0, on_device: bool = False) -> int:
     """Peak over the chained stages for one tile: each stage runs on the core plus the halo the
     remaining stages need (`enhance_block` trims between stages)."""
     scale, peak = [1, 1, 1], 0
     for i, factors in enumerate(stages):
         halo = total_halo(stages[i:], arch, bp_iters)
         voxels = prod(min(core[a] * scale[a] + 2 * halo[a], volume[a] * scale[a]) for a in range(3))
-        peak = max(peak, stage_bytes(voxels, factors, arch, ensemble_batch(factors, ensemble), block))
+        peak = max(peak, stage_bytes(voxels, factors, arch, ensemble_batch(factors, ensemble), block, on_device))
         scale = [scale[a] * factors[a] for a in range(3)]
     return peak
 
@@ -69,17 +74,18 @@ def slab_bytes(core_z: int, volume: Shape3, factors: Factors, out_itemsize: int)
 
 
 def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
-               ensemble: bool, out_itemsize: int, block: int = 0) -> int:
+               ensemble: bool, out_itemsize: int, block: int = 0, on_device: bool = False) -> int:
+    """Host bytes of enhancing `volume` with tile `core`; `on_device`: network passes run on a GPU."""
     factors = total_factors(stages)
     core = tuple(min(c, n) for c, n in zip(core, volume))
-    work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume, block)
+    work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume, block, on_device)
     in_flight = min(SLABS_IN_FLIGHT, ceil(volume[0] / core[0]))  # a tile as deep as the volume: one slab
     slabs = in_flight * slab_bytes(core[0], volume, factors, out_itemsize)
     return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + slabs + work
 
 
 def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
-                ensemble: bool, out_itemsize: int, start: Shape3, block: int = 0) -> Shape3:
+                ensemble: bool, out_itemsize: int, start: Shape3, block: int = 0, on_device: bool = False) -> Shape3:
     """The tile core, at most `start`, that fits `budget` and wastes the least work on halos.
 
     Efficiency is core voxels over computed voxels (core plus halo, clamped to the volume);
@@ -96,11 +102,11 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
                 key = (prod(core) / read, prod(core))
                 if best_key is not None and key <= best_key:
                     continue  # cannot win: skip the (slower) memory estimate
-                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize, block) <= budget:
+                if plan_bytes(volume, core, stages, arch, bp_iters, ensemble, out_itemsize, block, on_device) <= budget:
                     best, best_key = core, key
     if best is None:
         smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
-        need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block)
+        need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block, on_device)
         raise UserError(
             f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
             f"{budget / 2**20:.1f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"

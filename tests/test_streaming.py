@@ -200,6 +200,24 @@ def test_chosen_tile_fits_the_budget_and_grows_with_it(stages):
         choose_tile(2**20, volume, stages, arch, 10, True, 2, (32, 96, 96))
 
 
+def test_passes_on_a_gpu_are_not_charged_to_the_host_budget():
+    """A GPU sizes its passes from its own free memory (`choose_block`); their activations live
+    there, so the host plan counts only each pass's input and output staging."""
+    from sv_deploy.memory import choose_block, network_bytes
+
+    arch, stages, volume = ArchConfig(), ((2, 2, 2), (2, 2, 2)), (38, 256, 256)
+    block = choose_block(8 * 2**30, stages, arch, True, device_free=70 * 2**30)
+    assert block > 5_000_000  # an H100-sized pass, far above the host's
+    host = 10 * 2**30
+    charged = choose_tile(host, volume, stages, arch, 10, True, 2, (64, 256, 256), block)
+    tile = choose_tile(host, volume, stages, arch, 10, True, 2, (64, 256, 256), block, on_device=True)
+    assert tile == volume  # the whole volume in one tile: its host arrays fit in 10 GiB
+    assert np.prod(charged) < np.prod(volume) / 2  # counting GPU activations on the host cut it up
+    assert plan_bytes(volume, tile, stages, arch, 10, True, 2, block, on_device=True) <= host
+    assert network_bytes(1000, (2, 2, 2), arch, 4, on_device=True) == 1000 * 4 * 4 * 9
+    assert network_bytes(1000, (2, 2, 2), arch, 4, on_device=True) < network_bytes(1000, (2, 2, 2), arch, 4)
+
+
 def structured(shape, seed=0):
     rng = np.random.default_rng(seed)
     vol = np.zeros(shape, np.float32)
