@@ -4,8 +4,8 @@ ONNX Runtime is the faster CPU path (benchmarks/BENCH.md), but exporting costs s
 is written once under the cache folder, named by the model's checksum, the versions that made it
 and a digest of the code that writes the graph (so an edited or upgraded install never reuses an
 older graph under an unchanged version string), and checked against that checksum and its own
-digest when read back. The cache is only a speed-up: when it cannot
-be written the export stays in memory.
+digest when read back. The cache is only a speed-up: when it cannot be written the export stays in
+memory.
 """
 
 from __future__ import annotations
