@@ -29,6 +29,7 @@ from .bench_stats import PAPER, markdown, speedup, summarize, table
 from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
 from .enhance import InferenceOptions
 from .enhance_file import enhance_file
+from .model_file import save_model
 from .model import SVStage
 from .normalize import normalize, percentiles
 from .simulate import beads
@@ -109,8 +110,9 @@ class PeakRSS:
         self._sample()
 
 
-def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
-    """Every backend, marked available or not and why; available ones carry a runner."""
+def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" * 64) -> List[dict]:
+    """Every backend, marked available or not and why; available ones carry a runner (and the
+    ONNX Runtime entry its graph, exported for the model file whose checksum is `sha256`)."""
     from .backends import TorchBackend
 
     # each runner its own copy: TorchBackend moves the modules to its device in place
@@ -125,11 +127,11 @@ def backends(config, stages, quick: bool, workdir: Path, log) -> List[dict]:
         from .export import to_onnx
         from .ort_backend import OnnxRuntimeBackend
 
-        graph = to_onnx(config, stages, "0" * 64)
+        graph = to_onnx(config, stages, sha256)
         # --quick skips this second export (seconds): its full rows run the eight passes
-        folded = None if quick else to_onnx(config, stages, "0" * 64, folded_ensemble=True)
+        folded = None if quick else to_onnx(config, stages, sha256, folded_ensemble=True)
         # "runner_full": the ensemble folded into each pass, as `infer` runs the full recipe there
-        found.append({"name": "onnxruntime (cpu)", "available": True,
+        found.append({"name": "onnxruntime (cpu)", "available": True, "graph": graph,
                       "runner": OnnxRuntimeBackend(graph, device="cpu", log=log),
                       "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log) if folded else None})
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -320,7 +322,9 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
             if select and task.name not in select:
                 continue
             config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
-            found = backends(config, stages, quick, work, log)
+            model = work / f"{task.name}.svmodel"
+            sha256 = save_model(model, config, stages)
+            found = backends(config, stages, quick, work, log, sha256)
             _merge_availability(report["backends"], found, task.name)
             data = synthetic_volume(task.shape)
             src = work / f"{task.name}.tif"
@@ -347,7 +351,9 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                                paper_s=paper, speedup=speedup(paper, row["file_to_file_s"]))
                     report["inference"].append(row)
                     log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
-            report["series"] += _series(task, config, stages, data, work, quick, only, report["failed"], log)
+            # --quick: the series reuse the export above instead of exporting on first use (seconds each)
+            graph = next((b["graph"] for b in found if b.get("graph") is not None), None) if quick else None
+            report["series"] += _series(task, model, sha256, data, work, quick, only, report["failed"], log, graph)
         if training:
             report["training"] = time_training(quick, log)
     for r in report["inference"]:
@@ -371,16 +377,21 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     return report
 
 
-def _series(task: Task, config, stages, data: np.ndarray, work: Path, quick: bool, only: Sequence[str],
-            failed: List[dict], log) -> List[dict]:
-    """The repeated-inference rows of one task, for each CPU/GPU backend a .svmodel runs on."""
-    from .model_file import save_model
-    from .onnx_cache import ENV
+def _series(task: Task, model: Path, sha256: str, data: np.ndarray, work: Path, quick: bool, only: Sequence[str],
+            failed: List[dict], log, graph=None) -> List[dict]:
+    """The repeated-inference rows of one task, for each CPU/GPU backend a .svmodel runs on.
+
+    Each starts from an empty ONNX export cache (the first use of a new model), unless `graph`, the
+    model's plain export, is given: then the cache holds it already and the rows run without the
+    ensemble, which that graph serves."""
+    from .export import save_onnx
+    from .onnx_cache import ENV, cache_path
 
     count, mode = SERIES[task.name]
-    count = 2 if quick else count
-    model = work / f"{task.name}.svmodel"
-    save_model(model, config, stages)
+    if quick:
+        count = 2
+    if graph is not None:
+        mode = "fast"
     files = []
     for i in range(count):
         files.append(work / f"{task.name}_series_{i}.tif")
@@ -391,6 +402,9 @@ def _series(task: Task, config, stages, data: np.ndarray, work: Path, quick: boo
             continue
         log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}, {count} files, model loaded once: {name} ...")
         cache = work / f"cache-{task.name}-{backend}"  # a cold export cache: the first use of a new model
+        if graph is not None and backend == "onnxruntime":
+            cache_path(sha256, folder=cache).parent.mkdir(parents=True, exist_ok=True)
+            save_onnx(graph, cache_path(sha256, folder=cache))
         previous = os.environ.get(ENV)
         os.environ[ENV] = str(cache)
         try:
@@ -405,7 +419,8 @@ def _series(task: Task, config, stages, data: np.ndarray, work: Path, quick: boo
                 os.environ.pop(ENV, None)
             else:
                 os.environ[ENV] = previous
-        row.update(task=task.name, mode=mode, input_shape=list(task.shape))
+        row.update(task=task.name, mode=mode, input_shape=list(task.shape),
+                   export_cached=graph is not None and backend == "onnxruntime")
         rows.append(row)
         per = row["per_file"]
         log(f"  first output after {row['first_output_s']:.2f} s, then {per['median']:.3f} s per file" if per

@@ -74,7 +74,10 @@ def markdown(report: dict) -> str:
             per = r["per_file"]
             each = f"{per['median']:.3f} ({per['min']:.3f} / {per['max']:.3f})" if per else ""
             lines.append(f"| {r['task']} | {r['mode']} | {r['backend']} | {r['files']} | {r['load_s']:.2f} | "
-                         f"{r['first_output_s']:.2f} | {each} |")
+                         f"{r['first_output_s']:.2f}{_cached(r, '*')} | {each} |")
+        if any(r.get("export_cached") for r in report["series"]):
+            lines += ["", "\\* the ONNX export cache held this model already (--quick), so this time leaves out "
+                      "the export that a new model's first use costs (seconds)."]
     gpu_rows = [r for r in report["inference"] if r.get("host_to_device") or r.get("peak_device_mib") is not None]
     if gpu_rows:
         lines += ["", "## GPU transfers and memory (per file, median)", "",
@@ -95,6 +98,10 @@ def markdown(report: dict) -> str:
             lines.append(f"- {k}: torch / onnxruntime median time = {v:.2f}")
     lines += ["", "Not measured: " + "; ".join(report["not_measured"]) if report["not_measured"] else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _cached(row: dict, mark: str) -> str:
+    return mark if row.get("export_cached") else ""
 
 
 def _added(row: dict) -> str:
@@ -119,6 +126,7 @@ def table(report: dict) -> List[str]:
     for r in report.get("series", []):
         per = r["per_file"]
         rows.append(f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} first output {r['first_output_s']:.2f} s"
+                    + _cached(r, " (export cached)")
                     + (f", then {per['median']:.3f} s per file ({r['files']} files)" if per else ""))
     for t in report.get("training", []):
         rows.append(f"train    {t['recipe']:<5} {'':<22} {t['seconds']:>9.1f} {'':>8} "

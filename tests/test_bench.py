@@ -48,9 +48,11 @@ def test_quick_bench_writes_its_reports(tmp_path):
     assert report["training"][0]["seconds"] > 0
     series = {(r["task"], r["backend"].split(" ")[0]): r for r in report["series"]}
     assert set(series) == {(t, b) for t in ("2d", "3d") for b in ("torch", "onnxruntime")}
-    for r in series.values():
+    for (task, backend), r in series.items():
         assert r["files"] == 2 and 0 < r["load_s"] < r["first_output_s"] and r["per_file"]["median"] > 0
+        assert r["export_cached"] == (backend == "onnxruntime")  # --quick reuses its one export
     assert "## Repeated inference" in (out / "bench.md").read_text()
+    assert "export cache held this model already" in (out / "bench.md").read_text()
     assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
 
 
