@@ -61,10 +61,11 @@ def case(name, truth, low, scale, work, log, extra_train=()):
     rows = json.loads(text)["rows"]
     info = json.loads(run(["info", str(model)], log)[0])
     gains = [s["gain_db"] for s in info["config"]["provenance"]["stages"]]
+    bp_gains = [s.get("bp_gain_db") for s in info["config"]["provenance"]["stages"]]
     lr_shape = read_volume(low).data.shape
     return {
         "case": name, "scale": scale, "lr_shape": lr_shape, "train_s": t_train, "infer_s": t_infer,
-        "stage_val_gain_db": gains, "train_args": list(extra_train),
+        "stage_val_gain_db": gains, "stage_val_bp_gain_db": bp_gains, "train_args": list(extra_train),
         "ours": rows[0]["matched"], "tricubic": rows[1]["matched"], "tricubic_bp": rows[2]["matched"],
         "ours_raw": rows[0]["raw"],
     }

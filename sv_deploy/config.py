@@ -87,6 +87,9 @@ class StageReport:
     gain_db: float
     seconds: float
     member_gains_db: Tuple[float, ...] = ()  # each averaged network's own gain, when there are several
+    # Gain over interpolation + back-projection (as inference runs it) on the same held-out patches:
+    # what the network adds beyond what back-projection alone recovers. None in older model files.
+    bp_gain_db: Optional[float] = None
 
     def is_dead(self) -> bool:
         """The network added (almost) nothing over its interpolation path on held-out patches, so

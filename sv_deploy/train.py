@@ -13,7 +13,7 @@ import torch
 
 from .backends import TorchBackend
 from .config import DEAD_GAIN_DB, ArchConfig, Factors, Shape3, StageReport, TrainConfig
-from .enhance import InferenceOptions, enhance_volume
+from .enhance import InferenceOptions, back_project, enhance_volume
 from .errors import UserError
 from .model import SVStage, merge_members
 from .progress import progress_bar
@@ -92,6 +92,20 @@ def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None
     return total / hr.numel()
 
 
+def _bp_mse(fn, lr: torch.Tensor, hr: torch.Tensor, factors: Factors, chunk: int) -> float:
+    """Held-out MSE after back-projection with inference's default iterations: the baseline a
+    network must beat to add anything (`evaluate` scores tricubic + back-projection beside it)."""
+    iters = InferenceOptions().bp_iters
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, lr.shape[0], chunk):
+            pred = fn(lr[i : i + chunk]).cpu().numpy()[:, 0]
+            low, high = lr[i : i + chunk].cpu().numpy()[:, 0], hr[i : i + chunk].cpu().numpy()[:, 0]
+            for p, l, h in zip(pred, low, high):
+                total += float(np.sum((back_project(p, l, factors, iters) - h) ** 2, dtype=np.float64))
+    return total / hr.numel()
+
+
 def default_members(voxels: int) -> int:
     """Networks to average for an input of this many voxels: 3 below the paper's 0.3 M, else 1.
 
@@ -148,6 +162,7 @@ def train_stage(
         if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # the mean as a whole, as one member below
             _zero_residual(stage)
     stage.eval()
+    interp_bp, stage_bp = (_bp_mse(fn, *val, factors, cfg.batch) for fn in (stage.interpolate, stage))
     report = StageReport(
         factors=tuple(factors),
         steps=cfg.steps,
@@ -158,6 +173,7 @@ def train_stage(
         gain_db=_db(interp_loss, best_loss),
         seconds=time.perf_counter() - start,
         member_gains_db=tuple(_db(f[3], f[2]) for f in fits) if arch.members > 1 else (),
+        bp_gain_db=_db(interp_bp, stage_bp),
     )
     return stage, report
 
@@ -253,7 +269,8 @@ def train_stages(
             each = f" ({len(report.member_gains_db)} networks averaged; each alone: {gains} dB)"
         log(
             f"{label}: {report.steps} steps in {report.seconds:.1f} s, best at step {report.best_step}, "
-            f"validation gain over interpolation {report.gain_db:+.2f} dB{each}"
+            f"validation gain over interpolation {report.gain_db:+.2f} dB{each}, "
+            f"over interpolation + back-projection {report.bp_gain_db:+.2f} dB"
         )
         if report.is_dead():
             log(

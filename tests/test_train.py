@@ -20,6 +20,7 @@ def test_short_real_training_lowers_the_loss_and_beats_tricubic(trained_small, f
     truth, lr = flybrain_pair
     assert report.best_val_loss < report.interp_val_loss
     assert report.gain_db > 0.2 and not report.is_dead()
+    assert 0 < report.bp_gain_db < report.gain_db  # back-projection recovers part of the gain on its own
     backend = TorchBackend([stage], torch.device("cpu"))
     net_only = enhance_volume(backend, [(2, 2, 2)], ArchConfig(), x, InferenceOptions(ensemble=False, bp_iters=0))
     full = enhance_volume(backend, [(2, 2, 2)], ArchConfig(), x, InferenceOptions())
@@ -72,6 +73,7 @@ def test_a_stage_that_learns_nothing_is_exactly_interpolation(flybrain_pair):
     stage, report = train_stage(x, (2, 2, 2), ArchConfig(), cfg, torch.device("cpu"), progress=False)
     # the measured gain is reported as it was (about zero here), and the stage is interpolation
     assert report.is_dead() and abs(report.gain_db) < 0.01
+    assert report.bp_gain_db == 0.0  # the stage is interpolation, so it equals interpolation + back-projection
     block = torch.from_numpy(x[None, None, :6, :20, :20].copy())
     with torch.no_grad():
         assert torch.equal(stage(block), stage.interpolate(block))
