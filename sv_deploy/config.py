@@ -88,13 +88,17 @@ class StageReport:
     seconds: float
     member_gains_db: Tuple[float, ...] = ()  # each averaged network's own gain, when there are several
     # Gain over interpolation + back-projection (as inference runs it) on the same held-out patches:
-    # what the network adds beyond what back-projection alone recovers. None in older model files.
+    # what the network adds beyond what back-projection alone recovers, measured before a fallback
+    # on it (a stage that fell back on `gain_db` is interpolation already and reads 0). None in
+    # model files written before it existed.
     bp_gain_db: Optional[float] = None
 
     def is_dead(self) -> bool:
-        """The network added (almost) nothing over its interpolation path on held-out patches, so
-        training zeroed its residual: the stage is exactly cubic interpolation."""
-        return self.gain_db < DEAD_GAIN_DB
+        """The network added (almost) nothing on held-out patches, over its interpolation path or
+        over interpolation + back-projection, so training zeroed its residual: the stage is exactly
+        cubic interpolation, and inference (which back-projects) gives interpolation +
+        back-projection, which it did not beat."""
+        return self.gain_db < DEAD_GAIN_DB or (self.bp_gain_db is not None and self.bp_gain_db < DEAD_GAIN_DB)
 
 
 @dataclass(frozen=True)

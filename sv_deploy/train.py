@@ -83,26 +83,20 @@ def make_pairs(hr: np.ndarray, factors: Factors) -> Tuple[torch.Tensor, torch.Te
     return torch.from_numpy(lr[:, None]), torch.from_numpy(hr[:, None])
 
 
-def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None) -> float:
+def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None, bp_factors=None) -> float:
+    """Mean squared error of `fn` (the stage) on pairs; with `bp_factors`, after back-projection with
+    inference's default iterations, the baseline a network must beat to add anything (`evaluate`
+    scores tricubic + back-projection beside it)."""
     fn = fn or stage
     total = 0.0
     with torch.no_grad():
         for i in range(0, lr.shape[0], chunk):
-            total += float(torch.sum((fn(lr[i : i + chunk]) - hr[i : i + chunk]) ** 2))
-    return total / hr.numel()
-
-
-def _bp_mse(fn, lr: torch.Tensor, hr: torch.Tensor, factors: Factors, chunk: int) -> float:
-    """Held-out MSE after back-projection with inference's default iterations: the baseline a
-    network must beat to add anything (`evaluate` scores tricubic + back-projection beside it)."""
-    iters = InferenceOptions().bp_iters
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, lr.shape[0], chunk):
-            pred = fn(lr[i : i + chunk]).cpu().numpy()[:, 0]
-            low, high = lr[i : i + chunk].cpu().numpy()[:, 0], hr[i : i + chunk].cpu().numpy()[:, 0]
-            for p, l, h in zip(pred, low, high):
-                total += float(np.sum((back_project(p, l, factors, iters) - h) ** 2, dtype=np.float64))
+            pred = fn(lr[i : i + chunk])
+            if bp_factors is not None:
+                pairs = zip(pred.cpu().numpy()[:, 0], lr[i : i + chunk].cpu().numpy()[:, 0])
+                fixed = [back_project(p, low, bp_factors, InferenceOptions().bp_iters) for p, low in pairs]
+                pred = torch.from_numpy(np.stack(fixed)[:, None]).to(pred.device)
+            total += float(torch.sum((pred - hr[i : i + chunk]) ** 2))
     return total / hr.numel()
 
 
@@ -162,7 +156,9 @@ def train_stage(
         if _db(interp_loss, best_loss) < DEAD_GAIN_DB:  # the mean as a whole, as one member below
             _zero_residual(stage)
     stage.eval()
-    interp_bp, stage_bp = (_bp_mse(fn, *val, factors, cfg.batch) for fn in (stage.interpolate, stage))
+    interp_bp, stage_bp = (_mse(stage, *val, cfg.batch, fn, bp_factors=factors) for fn in (stage.interpolate, stage))
+    if _db(interp_bp, stage_bp) < DEAD_GAIN_DB:  # back-projection alone does as well on held-out patches: use it
+        _zero_residual(stage)
     report = StageReport(
         factors=tuple(factors),
         steps=cfg.steps,
@@ -273,11 +269,12 @@ def train_stages(
             f"over interpolation + back-projection {report.bp_gain_db:+.2f} dB"
         )
         if report.is_dead():
+            added = (f"{report.gain_db:+.2f} dB over interpolation" if report.gain_db < DEAD_GAIN_DB else
+                     f"{report.bp_gain_db:+.2f} dB over interpolation + back-projection")
             log(
-                f"warning: {label}: the network added {report.gain_db:+.2f} dB over interpolation on held-out "
-                f"patches (less than {DEAD_GAIN_DB} dB), so this stage runs as cubic interpolation + "
-                "back-projection. More --steps or a larger input volume usually helps; a very noisy or "
-                "nearly empty volume may hold nothing more to learn."
+                f"warning: {label}: the network added {added} on held-out patches (less than {DEAD_GAIN_DB} "
+                "dB), so this stage runs as cubic interpolation + back-projection. More --steps or a larger "
+                "input volume usually helps; a very noisy or nearly empty volume may hold nothing more to learn."
             )
         trained.append(stage)
         reports.append(report)

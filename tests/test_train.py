@@ -142,3 +142,16 @@ def test_only_dead_stages_of_mirroring_models_skip_the_network():
     older = dataclasses.replace(config, arch=ArchConfig(interp_border="replicate"))
     assert older.interpolation_stages() == ()
     assert ModelConfig.from_json(config.to_json()).interpolation_stages() == (0,)
+
+
+def test_a_stage_is_dead_when_it_adds_nothing_over_interpolation_or_over_back_projection():
+    from sv_deploy.config import DEAD_GAIN_DB, StageReport
+
+    def report(gain, bp_gain):
+        return StageReport((2, 2, 2), 10, 10, 1.0, 1.0, 1.0, gain, 1.0, bp_gain_db=bp_gain)
+
+    assert report(DEAD_GAIN_DB / 2, 0.0).is_dead()
+    assert report(0.3, DEAD_GAIN_DB / 2).is_dead()  # what it learned, back-projection recovers alone
+    assert report(0.3, -0.1).is_dead()
+    assert not report(0.3, 0.2).is_dead()
+    assert not report(0.3, None).is_dead()  # a file written before the back-projection gain existed
