@@ -100,32 +100,39 @@ def enhance_block(
 ) -> np.ndarray:
     """All stages on one normalized block, no tiling (the reference the tiled path must equal).
 
-    Each stage's result is clamped to the input's representable range, as the final output is, so
-    a later stage never sees values the data type could not hold. With `margins`, the block is a
-    tile read with those (low, high) LR margins around its core: between stages, the part
-    of the margin later stages no longer need is cut away (a x4 tile's second stage then runs on
-    little more than its core), and the result is cropped to the core.
+    Each stage back-projects against the measured input over its cumulative factors: stage 1 at
+    x2, stage 2 of a x4 chain at x4 (tied to the data as tricubic + back-projection is, not to
+    stage 1's estimate; QUALITY.md, session 13). Each stage's result is clamped to the input's
+    representable range, as the final output is, so a later stage never sees values the data type
+    could not hold. With `margins`, the block is a tile read with those (low, high) LR margins
+    around its core: between stages, the part of the margin later stages no longer need is cut
+    away, in whole input voxels (a x4 tile's second stage then runs on little more than its core),
+    and the result is cropped to the core.
     """
+    lr = x  # the measured input, cut as the stages' results are
     margins = [list(m) for m in margins] if margins else None
     folded = check_folded(backend, options)
+    cumulative = [1, 1, 1]
     for i, factors in enumerate(stages):
         if i in options.interpolate:
             y = upsample(x, factors)
         else:
             transforms = ensemble_transforms(factors, options.ensemble and not folded)
             y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
-        x = back_project(y, x, factors, options.bp_iters)
+        cumulative = [c * f for c, f in zip(cumulative, factors)]
+        x = back_project(y, lr, cumulative, options.bp_iters)
         if value_range is not None:
             np.clip(x, *value_range, out=x)  # x is this function's own (back_project / predict_blocks)
         if margins is not None:
-            need = total_halo(stages[i + 1:], arch, options.bp_iters) if i + 1 < len(stages) else (0, 0, 0)
-            cut = []
+            need = total_halo(stages, arch, options.bp_iters, start=i + 1)  # whole input voxels
+            cut, cut_lr = [], []
             for a in range(3):
                 lo, hi = (m * factors[a] for m in margins[a])
                 cut_lo, cut_hi = max(0, lo - need[a]), max(0, hi - need[a])
                 margins[a] = [lo - cut_lo, hi - cut_hi]
                 cut.append(slice(cut_lo, x.shape[a] - cut_hi))
-            x = x[tuple(cut)]
+                cut_lr.append(slice(cut_lo // cumulative[a], lr.shape[a] - cut_hi // cumulative[a]))
+            x, lr = x[tuple(cut)], lr[tuple(cut_lr)]
     return x.astype(np.float32, copy=False)
 
 

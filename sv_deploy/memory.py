@@ -60,7 +60,7 @@ def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_ite
     remaining stages need (`enhance_block` trims between stages)."""
     scale, peak = [1, 1, 1], 0
     for i, factors in enumerate(stages):
-        halo = total_halo(stages[i:], arch, bp_iters)
+        halo = total_halo(stages, arch, bp_iters, start=i)
         voxels = prod(min(core[a] * scale[a] + 2 * halo[a], volume[a] * scale[a]) for a in range(3))
         peak = max(peak, stage_bytes(voxels, factors, arch, ensemble_batch(factors, ensemble), block, on_device))
         scale = [scale[a] * factors[a] for a in range(3)]

@@ -12,7 +12,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from .config import ArchConfig, Factors, Shape3
+from .config import ArchConfig, Factors, Shape3, total_factors
 from .resize import bp_reach
 
 Span = Tuple[int, int]
@@ -25,21 +25,23 @@ class Tile:
     out: Tuple[Span, Span, Span]  # where the kept region goes in the HR volume
 
 
-def stage_radius(factors: Factors, arch: ArchConfig, bp_iters: int) -> Shape3:
-    """Per-axis dependency radius of one stage (network + back-projection) in its input voxels."""
-    return tuple(arch.halo() + bp_reach(f, bp_iters) for f in factors)  # type: ignore
+def total_halo(stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, start: int = 0) -> Shape3:
+    """Halo, in the input voxels of stage `start`, that stages start.. need around what they compute.
 
-
-def total_halo(stages: Sequence[Factors], arch: ArchConfig, bp_iters: int) -> Shape3:
-    """Halo in LR voxels for a chain of stages: later stages' radii shrink by earlier factors."""
-    halo = [0, 0, 0]
-    scale = [1, 1, 1]
-    for factors in stages:
-        radius = stage_radius(factors, arch, bp_iters)
+    Each stage's network reads `arch.halo()` of its own input voxels around each output, and each
+    stage back-projects against the measured input over its cumulative factors, reaching
+    `bp_reach` input voxels. Counted in whole input voxels, so the cuts `enhance_block` makes
+    between stages keep every stage's result aligned to the input; with `start` = the number of
+    stages, 0.
+    """
+    before = total_factors(stages[:start])
+    halo, scale = [0, 0, 0], list(before)
+    for factors in stages[start:]:
+        cumulative = [s * f for s, f in zip(scale, factors)]
         for a in range(3):
-            halo[a] += ceil(radius[a] / scale[a])
-            scale[a] *= factors[a]
-    return tuple(halo)  # type: ignore
+            halo[a] += ceil(arch.halo() / scale[a]) + bp_reach(cumulative[a], bp_iters)
+        scale = cumulative
+    return tuple(h * b for h, b in zip(halo, before))  # type: ignore
 
 
 def _axis_spans(length: int, core: int) -> List[Span]:

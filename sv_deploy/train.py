@@ -279,7 +279,9 @@ def train_stages(
         trained.append(stage)
         reports.append(report)
         if i + 1 < len(stages):
-            backend = TorchBackend([stage], device)
-            options = InferenceOptions(interpolate=(0,) if report.is_dead() else ())
-            x = enhance_volume(backend, [factors], arch, x, options, progress, value_range)
+            # the next stage learns on what inference will give it: the chain so far, run from the
+            # input (each stage back-projects against the input, so not stage i on x alone)
+            backend = TorchBackend(trained, device)
+            options = InferenceOptions(interpolate=tuple(k for k, r in enumerate(reports) if r.is_dead()))
+            x = enhance_volume(backend, stages[: i + 1], arch, volume, options, progress, value_range)
     return trained, reports

@@ -88,7 +88,7 @@ def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp
     profiles = []
     for i, factors in enumerate(stages):
         # `enhance_block` trims each stage's input to its core plus what the remaining stages need.
-        halo = total_halo(stages[i:], arch, bp_iters)
+        halo = total_halo(stages, arch, bp_iters, start=i)
         d, h, w = (tile[a] * scale[a] + 2 * halo[a] for a in range(3))
         batch = ensemble_batch(factors, ensemble)
         if ensemble and factors[1] == factors[2]:

@@ -3,8 +3,8 @@ import pytest
 
 from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ArchConfig
-from sv_deploy.enhance import InferenceOptions, enhance_block, enhance_volume
-from sv_deploy.resize import bp_reach
+from sv_deploy.enhance import InferenceOptions, back_project, enhance_block, enhance_volume
+from sv_deploy.resize import bp_reach, downsample, upsample
 from sv_deploy.tiling import block_core, plan_tiles, slabs, total_halo
 
 
@@ -33,6 +33,29 @@ def test_halo_grows_with_back_projection_and_shrinks_through_stages():
     assert total_halo([(1, 2, 2)], arch, 2) == (8, 8 + bp_reach(2, 2), 8 + bp_reach(2, 2))
     # second stage radius counted in stage-1 input voxels: ceil(8 / 2) = 4
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 0) == (12, 12, 12)
+    # each stage back-projects against the input over its cumulative factors: x2, then x4
+    first, second = 8 + bp_reach(2, 3), 4 + bp_reach(4, 3)
+    assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3) == (first + second,) * 3
+    assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3, start=1) == (2 * second,) * 3  # in stage 2's input voxels
+    assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3, start=2) == (0, 0, 0)
+
+
+def test_a_chain_of_stages_is_consistent_with_its_input(trained_small):
+    """After two x2 stages the result shrunk x4 by the degradation model gives back the input, as
+    tricubic + back-projection does (stage 2 back-projects against the input, not stage 1's result)."""
+    import copy
+
+    stage, _, x, _ = trained_small
+    backend = TorchBackend([stage, copy.deepcopy(stage)], stage.interp_weight.device)
+    block = x[:10, :40, :36]
+    result = enhance_block(backend, [(2, 2, 2)] * 2, ArchConfig(), block, InferenceOptions(ensemble=False, bp_iters=10))
+    baseline = back_project(upsample(block, (4, 4, 4)), block, (4, 4, 4), 10)
+    mismatch = [np.abs(downsample(y, (4, 4, 4)) - block).max() / np.ptp(block) for y in (result, baseline)]
+    assert mismatch[0] < 2 * mismatch[1]
+    # the stages alone, chained: the second back-projects against the first's estimate only
+    first = enhance_block(backend, [(2, 2, 2)], ArchConfig(), block, InferenceOptions(ensemble=False, bp_iters=10))
+    alone = enhance_block(backend, [(2, 2, 2)], ArchConfig(), first, InferenceOptions(ensemble=False, bp_iters=10))
+    assert np.abs(downsample(alone, (4, 4, 4)) - block).max() / np.ptp(block) > 5 * mismatch[1]
 
 
 @pytest.mark.parametrize("chained,bp_iters", [(1, 0), (1, 2), (1, 10), (2, 0), (2, 3)])
