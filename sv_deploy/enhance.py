@@ -16,7 +16,7 @@ from .errors import UserError
 from .geometry import ensemble_transforms, forward, inverse
 from .progress import progress_bar
 from .resize import downsample, round_trip, upsample
-from .tiling import Tile, block_core, plan_tiles, slabs, to_slices, total_halo
+from .tiling import Tile, block_core, plan_tiles, slabs, stage_bp_iters, to_slices, total_halo
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,9 @@ def enhance_block(
 ) -> np.ndarray:
     """All stages on one normalized block, no tiling (the reference the tiled path must equal).
 
-    Each stage back-projects against the measured input over its cumulative factors: stage 1 at
-    x2, stage 2 of a x4 chain at x4 (tied to the data as tricubic + back-projection is, not to
-    stage 1's estimate; QUALITY.md, session 13). Each stage's result is clamped to the input's
+    The last stage back-projects against the measured input over the chain's total factors (x4
+    for a x4 chain: tied to the data as tricubic + back-projection is, not to stage 1's estimate);
+    earlier stages pass their network's output on as it is (`stage_bp_iters`). Each stage's result is clamped to the input's
     representable range, as the final output is, so a later stage never sees values the data type
     could not hold. With `margins`, the block is a tile read with those (low, high) LR margins
     around its core: between stages, the part of the margin later stages no longer need is cut
@@ -120,7 +120,7 @@ def enhance_block(
             transforms = ensemble_transforms(factors, options.ensemble and not folded)
             y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         cumulative = [c * f for c, f in zip(cumulative, factors)]
-        x = back_project(y, lr, cumulative, options.bp_iters)
+        x = back_project(y, lr, cumulative, stage_bp_iters(i, len(stages), options.bp_iters))
         if value_range is not None:
             np.clip(x, *value_range, out=x)  # x is this function's own (back_project / predict_blocks)
         if margins is not None:

@@ -25,21 +25,29 @@ class Tile:
     out: Tuple[Span, Span, Span]  # where the kept region goes in the HR volume
 
 
+def stage_bp_iters(stage: int, count: int, bp_iters: int) -> int:
+    """Back-projection iterations of stage `stage` of `count`: only the last back-projects, against
+    the measured input over the chain's total factors. An earlier stage's own back-projection adds
+    nothing the last one does not (QUALITY.md, session 13) and would widen every tile's halo."""
+    return bp_iters if stage == count - 1 else 0
+
+
 def total_halo(stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, start: int = 0) -> Shape3:
     """Halo, in the input voxels of stage `start`, that stages start.. need around what they compute.
 
-    Each stage's network reads `arch.halo()` of its own input voxels around each output, and each
-    stage back-projects against the measured input over its cumulative factors, reaching
+    Each stage's network reads `arch.halo()` of its own input voxels around each output, and the
+    last stage back-projects against the measured input over the total factors, reaching
     `bp_reach` input voxels. Counted in whole input voxels, so the cuts `enhance_block` makes
     between stages keep every stage's result aligned to the input; with `start` = the number of
     stages, 0.
     """
     before = total_factors(stages[:start])
     halo, scale = [0, 0, 0], list(before)
-    for factors in stages[start:]:
+    for k, factors in enumerate(stages[start:], start):
         cumulative = [s * f for s, f in zip(scale, factors)]
+        iters = stage_bp_iters(k, len(stages), bp_iters)
         for a in range(3):
-            halo[a] += ceil(arch.halo() / scale[a]) + bp_reach(cumulative[a], bp_iters)
+            halo[a] += ceil(arch.halo() / scale[a]) + bp_reach(cumulative[a], iters)
         scale = cumulative
     return tuple(h * b for h, b in zip(halo, before))  # type: ignore
 

@@ -273,15 +273,16 @@ def train_stages(
                      f"{report.bp_gain_db:+.2f} dB over interpolation + back-projection")
             log(
                 f"warning: {label}: the network added {added} on held-out patches (less than {DEAD_GAIN_DB} "
-                "dB), so this stage runs as cubic interpolation + back-projection. More --steps or a larger "
+                f"dB), so this stage runs as cubic interpolation{' + back-projection' if i + 1 == len(stages) else ''}. "
+                "More --steps or a larger "
                 "input volume usually helps; a very noisy or nearly empty volume may hold nothing more to learn."
             )
         trained.append(stage)
         reports.append(report)
         if i + 1 < len(stages):
             # the next stage learns on what inference will give it: the chain so far, run from the
-            # input (each stage back-projects against the input, so not stage i on x alone)
+            # input without back-projection (only the chain's last stage back-projects)
             backend = TorchBackend(trained, device)
-            options = InferenceOptions(interpolate=tuple(k for k, r in enumerate(reports) if r.is_dead()))
+            options = InferenceOptions(bp_iters=0, interpolate=tuple(k for k, r in enumerate(reports) if r.is_dead()))
             x = enhance_volume(backend, stages[: i + 1], arch, volume, options, progress, value_range)
     return trained, reports

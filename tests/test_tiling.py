@@ -33,8 +33,8 @@ def test_halo_grows_with_back_projection_and_shrinks_through_stages():
     assert total_halo([(1, 2, 2)], arch, 2) == (8, 8 + bp_reach(2, 2), 8 + bp_reach(2, 2))
     # second stage radius counted in stage-1 input voxels: ceil(8 / 2) = 4
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 0) == (12, 12, 12)
-    # each stage back-projects against the input over its cumulative factors: x2, then x4
-    first, second = 8 + bp_reach(2, 3), 4 + bp_reach(4, 3)
+    # only the last stage back-projects, against the input over the total factors (x4)
+    first, second = 8, 4 + bp_reach(4, 3)
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3) == (first + second,) * 3
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3, start=1) == (2 * second,) * 3  # in stage 2's input voxels
     assert total_halo([(2, 2, 2), (2, 2, 2)], arch, 3, start=2) == (0, 0, 0)
@@ -42,7 +42,8 @@ def test_halo_grows_with_back_projection_and_shrinks_through_stages():
 
 def test_a_chain_of_stages_is_consistent_with_its_input(trained_small):
     """After two x2 stages the result shrunk x4 by the degradation model gives back the input, as
-    tricubic + back-projection does (stage 2 back-projects against the input, not stage 1's result)."""
+    tricubic + back-projection does: stage 1's raw output goes to stage 2, whose output alone is
+    back-projected, against the input at x4 (not against stage 1's result)."""
     import copy
 
     stage, _, x, _ = trained_small
@@ -52,6 +53,9 @@ def test_a_chain_of_stages_is_consistent_with_its_input(trained_small):
     baseline = back_project(upsample(block, (4, 4, 4)), block, (4, 4, 4), 10)
     mismatch = [np.abs(downsample(y, (4, 4, 4)) - block).max() / np.ptp(block) for y in (result, baseline)]
     assert mismatch[0] < 2 * mismatch[1]
+    raw = InferenceOptions(ensemble=False, bp_iters=0)
+    nets = enhance_block(backend, [(2, 2, 2)], ArchConfig(), enhance_block(backend, [(2, 2, 2)], ArchConfig(), block, raw), raw)
+    np.testing.assert_allclose(result, back_project(nets, block, (4, 4, 4), 10), rtol=0, atol=1e-5 * np.ptp(block))
     # the stages alone, chained: the second back-projects against the first's estimate only
     first = enhance_block(backend, [(2, 2, 2)], ArchConfig(), block, InferenceOptions(ensemble=False, bp_iters=10))
     alone = enhance_block(backend, [(2, 2, 2)], ArchConfig(), first, InferenceOptions(ensemble=False, bp_iters=10))
