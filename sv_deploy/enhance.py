@@ -6,7 +6,7 @@ Everything here works on normalized float32 arrays; file formats and dtypes stay
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from .config import ArchConfig, Factors, Shape3, total_factors
 from .errors import UserError
 from .geometry import ensemble_transforms, forward, inverse
 from .progress import progress_bar
-from .resize import downsample, round_trip, upsample
+from .resize import downsample, round_trip, upsample, upsample_add
 from .tiling import Tile, block_core, plan_tiles, slabs, stage_bp_iters, to_slices, total_halo
 
 
@@ -30,12 +30,15 @@ class InferenceOptions:
     interpolate: Tuple[int, ...] = ()
 
 
-def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int) -> np.ndarray:
+def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: int,
+                 in_place: bool = False) -> np.ndarray:
     """Iterative back-projection: make y consistent with the LR data under the degradation model.
 
     y_{k+1} = y_k + U(lr - D y_k). Since every step is linear, the residuals obey
     e_{k+1} = (I - DU) e_k, so all iterations run at LR size and y_K = y_0 + U(e_0 + ... + e_{K-1}):
     one shrink and one upsampling of the full-size volume instead of one of each per iteration.
+    `in_place` (y C-contiguous float32 and the caller's to change) adds the correction into y
+    without a full-size copy: inference's largest array is y (8-64x the input).
     """
     if iters <= 0:
         return y
@@ -44,9 +47,8 @@ def back_project(y: np.ndarray, lr: np.ndarray, factors: Sequence[int], iters: i
     for _ in range(iters - 1):
         e = e - round_trip(e, factors)
         total += e
-    correction = upsample(total, factors)
-    correction += y  # in place: a full-size array less to allocate (the output is 8-64x the input)
-    return correction
+    out = y if in_place else np.array(y, dtype=np.float32, order="C")
+    return upsample_add(total, factors, out)
 
 
 def predict_ensemble(backend: Backend, stage: int, x: np.ndarray, transforms) -> np.ndarray:
@@ -120,7 +122,7 @@ def enhance_block(
             transforms = ensemble_transforms(factors, options.ensemble and not folded)
             y = predict_blocks(backend, i, x, transforms, factors, arch.halo(), options.block)
         cumulative = [c * f for c, f in zip(cumulative, factors)]
-        x = back_project(y, lr, cumulative, stage_bp_iters(i, len(stages), options.bp_iters))
+        x = back_project(y, lr, cumulative, stage_bp_iters(i, len(stages), options.bp_iters), in_place=True)
         if value_range is not None:
             np.clip(x, *value_range, out=x)  # x is this function's own (back_project / predict_blocks)
         if margins is not None:
@@ -154,10 +156,14 @@ def iter_slabs(
     options: InferenceOptions,
     progress: bool = False,
     value_range: ValueRange = None,
+    finish: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    dtype=np.float32,
 ) -> Iterator[Tuple[Tuple[int, int], np.ndarray]]:
     """Yield (z span in output, slab) for consecutive z-slabs of the enhanced volume.
 
-    Peak memory is one slab plus one tile, whatever the output size.
+    Peak memory is one slab plus one tile, whatever the output size. `finish` maps each tile's
+    float32 result to the slab's `dtype` (de-normalize and cast), so a slab is held in the
+    output's type only: a uint16 slab is half a float32 one, and slabs are the other large arrays.
     """
     factors = total_factors(stages)
     halo = total_halo(stages, arch, options.bp_iters)
@@ -171,12 +177,13 @@ def iter_slabs(
         done = 0
         for group in slabs(tiles):
             z0, z1 = group[0].out[0]
-            slab = np.empty((z1 - z0, *out_hw), dtype=np.float32)
+            slab = np.empty((z1 - z0, *out_hw), dtype=dtype)
             for tile in group:
                 margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
                 counting.limit = done + tile_work(tile, stages, options, folded)
                 block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
-                _fill(slab, tile, block)
+                _fill(slab, tile, finish(block) if finish else block)
+                del block
                 bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
                 done = counting.limit
             yield (z0, z1), slab

@@ -146,15 +146,16 @@ def enhance_file(
         compute = [0.0]
 
         def produce():
-            gen = iter_slabs(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range)
+            gen = iter_slabs(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range,
+                             finish=lambda block: denormalize(block, low, high, dtype), dtype=dtype)
             while True:
                 t0 = time.perf_counter()
                 item = next(gen, None)
                 if item is None:
                     return
-                out = denormalize(item[1], low, high, dtype)
                 compute[0] += time.perf_counter() - t0
-                yield out
+                yield item[1]
+                item = None  # the writer holds the slab now: not one reference more while the next is made
 
         try:
             write_behind(lambda slabs: write_volume(output_path, slabs, shape, dtype, vol.axes, voxel), produce())

@@ -31,13 +31,15 @@ def parse_size(text: str) -> int:
 
 
 def network_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, on_device: bool = False) -> int:
-    """Working bytes of one network pass reading `voxels` input voxels: activations (two live
-    feature maps and a convolution workspace per member, fp32) and the members' sub-pixel outputs.
-    With `on_device` (a GPU) the activations live there: the host holds only the pass's input and
-    its output (the pinned staging copies)."""
+    """Working bytes of one network pass reading `voxels` input voxels: activations (feature maps
+    and a convolution workspace per member, fp32) and the members' sub-pixel outputs. Five feature
+    maps per member: two are live at once, and ONNX Runtime's arena held up to 2.8 KB per voxel
+    of a folded x2 pass once passes of several shapes had run (BENCH.md, session 14), which two
+    had undercounted. With `on_device` (a GPU) the activations live there: the host holds only
+    the pass's input and its output (the pinned staging copies)."""
     if on_device:
         return voxels * 4 * batch * (1 + prod(factors))
-    return voxels * 4 * batch * (2 * arch.features * arch.members + 64 + 3 * prod(factors))
+    return voxels * 4 * batch * (5 * arch.features * arch.members + 64 + 3 * prod(factors))
 
 
 def stage_bytes(voxels: int, factors: Factors, arch: ArchConfig, batch: int, block: int = 0,
@@ -68,9 +70,10 @@ def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_ite
 
 
 def slab_bytes(core_z: int, volume: Shape3, factors: Factors, out_itemsize: int) -> int:
-    """One output z-slab: the float32 result plus its copy in the output dtype."""
+    """One output z-slab, held in the output dtype (each tile is de-normalized and cast as it is
+    placed: `enhance.iter_slabs`)."""
     planes = core_z * factors[0]
-    return planes * volume[1] * factors[1] * volume[2] * factors[2] * (4 + out_itemsize)
+    return planes * volume[1] * factors[1] * volume[2] * factors[2] * out_itemsize
 
 
 def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
@@ -114,7 +117,7 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
     return best
 
 
-HOST_BLOCK_VOXELS = 2_000_000  # ONNX Runtime CPU is fastest near this network pass size (BENCH.md)
+HOST_BLOCK_VOXELS = 1_000_000  # ONNX Runtime CPU: as fast as 2 M voxels a pass, half its arena (BENCH.md, session 14)
 # Out-of-memory retries stop halving passes here: a 16^3 read has a 4^3 core at halo 6, so a pass
 # is already almost all halo; halving further would crawl on to 1-voxel passes.
 MIN_BLOCK_VOXELS = 4_096

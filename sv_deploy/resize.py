@@ -129,6 +129,43 @@ def _apply_banded(bands, x: np.ndarray, axis: int) -> np.ndarray:
     return out.reshape(*x.shape[:axis], out_length, *x.shape[axis + 1 :])
 
 
+ADD_CHUNK = 1 << 20  # floats in one temporary product of `upsample_add`
+
+
+def upsample_add(x: np.ndarray, factors: Sequence[int], out: np.ndarray) -> np.ndarray:
+    """out += upsample(x, factors), without a temporary of out's size: the axes before the last one
+    scaled are upsampled first (an array 1/f_last of out's size), then the last one in products of
+    at most `ADD_CHUNK` floats, each added into `out`. Back-projection adds its correction to an
+    estimate 8-64x larger than the input this way; a full-size correction was the largest array of
+    a tile (`memory.stage_bytes`)."""
+    if not out.flags.c_contiguous:
+        raise ValueError("upsample_add adds into a C-contiguous array only")
+    ops = [None if f == 1 else (resize_matrix, (float(f), True)) for f in factors]
+    scaled = [i for i, op in enumerate(ops) if op is not None]
+    if not scaled:
+        out += x
+        return out
+    last = scaled[-1]
+    src = _per_axis(x, [op if i != last else None for i, op in enumerate(ops)])
+    first = x.ndim - len(ops)
+    axis = first + last
+    out_length, blocks = _bands(resize_matrix, x.shape[axis], *ops[last][1])
+    before, after = int(np.prod(src.shape[:axis])), int(np.prod(src.shape[axis + 1 :]))
+    src = src.reshape(before, src.shape[axis], after)
+    dst = out.reshape(before, out_length, after)  # a view, since out is C-contiguous
+    step = max(1, ADD_CHUNK // BAND_BLOCK)
+    if after == 1:
+        for b0 in range(0, before, step):
+            for j0, j1, c0, c1, w in blocks:
+                dst[b0 : b0 + step, j0:j1, 0] += src[b0 : b0 + step, c0:c1, 0] @ w.T
+    else:
+        for b in range(before):
+            for a0 in range(0, after, step):
+                for j0, j1, c0, c1, w in blocks:
+                    dst[b, j0:j1, a0 : a0 + step] += w @ src[b, c0:c1, a0 : a0 + step]
+    return out
+
+
 def downsample(x: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """The degradation model: antialiased cubic shrink by integer factors per axis."""
     return resize(x, [1.0 / f for f in factors])
@@ -199,6 +236,7 @@ __all__ = [
     "round_trip",
     "round_trip_matrix",
     "bp_reach",
+    "upsample_add",
     "support_radius",
     "upsample",
 ]

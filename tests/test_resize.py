@@ -120,3 +120,21 @@ def test_back_projection_at_lr_size_equals_the_iteration_it_replaces(factors):
     got = back_project(y, lr, factors, 10)
     assert np.abs(got - expected).max() < 1e-5
     assert np.abs(lr - downsample(got, factors)).max() < np.abs(lr - downsample(y, factors)).max() / 2
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (4, 4, 4), (2, 1, 1), (1, 1, 3), (1, 1, 1)])
+def test_upsample_add_equals_adding_the_upsampled_array(factors, monkeypatch):
+    """The in-place add back-projection uses, in chunks smaller than one output plane, gives what
+    adding a whole upsampled array gives."""
+    import sv_deploy.resize as resize_module
+
+    monkeypatch.setattr(resize_module, "ADD_CHUNK", 64)  # several chunks per band even on a small array
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 5, 7, 9), dtype=np.float32)
+    y = rng.random((2, *(n * f for n, f in zip(x.shape[1:], factors))), dtype=np.float32)
+    expected = y + upsample(x, factors)
+    got = resize_module.upsample_add(x, factors, y)
+    assert got is y
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        resize_module.upsample_add(x, factors, np.asfortranarray(y))
