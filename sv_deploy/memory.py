@@ -125,7 +125,7 @@ MIN_BLOCK_VOXELS = 4_096
 
 def choose_block(budget: int, stages: Sequence[Factors], arch: ArchConfig, ensemble: bool,
                  device_free: Optional[int] = None) -> int:
-    """Most input voxels one network pass reads: on the host about the size it runs fastest at,
+    """Most input voxels one network pass reads: on the host `HOST_BLOCK_VOXELS` (no faster larger),
     within half the budget; on a GPU (`device_free` bytes) as large as half its free memory allows."""
     per_voxel = max(network_bytes(1, f, arch, ensemble_batch(f, ensemble)) for f in stages)
     if device_free is not None:
