@@ -104,9 +104,9 @@ def enhance_block(
 
     The last stage back-projects against the measured input over the chain's total factors (x4
     for a x4 chain: tied to the data as tricubic + back-projection is, not to stage 1's estimate);
-    earlier stages pass their network's output on as it is (`stage_bp_iters`). Each stage's result is clamped to the input's
-    representable range, as the final output is, so a later stage never sees values the data type
-    could not hold. With `margins`, the block is a tile read with those (low, high) LR margins
+    earlier stages pass their network's output on as it is (`stage_bp_iters`). Each stage's
+    result is clamped to the input's representable range, as the final output is, so a later
+    stage never sees values the data type could not hold. With `margins`, the block is a tile read with those (low, high) LR margins
     around its core: between stages, the part of the margin later stages no longer need is cut
     away, in whole input voxels (a x4 tile's second stage then runs on little more than its core),
     and the result is cropped to the core.

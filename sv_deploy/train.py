@@ -274,8 +274,8 @@ def train_stages(
             log(
                 f"warning: {label}: the network added {added} on held-out patches (less than {DEAD_GAIN_DB} "
                 f"dB), so this stage runs as cubic interpolation{' + back-projection' if i + 1 == len(stages) else ''}. "
-                "More --steps or a larger "
-                "input volume usually helps; a very noisy or nearly empty volume may hold nothing more to learn."
+                "More --steps or a larger input volume usually helps; a very noisy or nearly empty volume may "
+                "hold nothing more to learn."
             )
         trained.append(stage)
         reports.append(report)
