@@ -158,7 +158,11 @@ def _compiled(stages, quick: bool) -> dict:
         from .backends import TorchBackend
 
         torch._dynamo.reset()  # a model compiled for an earlier task otherwise breaks this one's guards
-        runner = TorchBackend([torch.compile(s.to(device), dynamic=True) for s in _copies(stages)], device)
+        # Static shapes, one compile per pass shape: with dynamic=True, torch 2.13's inductor fails
+        # on this network's 3D convolutions from the second shape on ("Invalid ranges [0:-1]";
+        # BENCH.md, session 14). A tiled volume has a few dozen pass shapes at most.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        runner = TorchBackend([torch.compile(s.to(device), dynamic=False) for s in _copies(stages)], device)
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
         runner.name = name
         return {"name": runner.name, "available": True, "runner": runner}
