@@ -397,3 +397,50 @@ def test_out_of_memory_retries_with_smaller_passes_and_gives_the_same_output(mod
     assert 0 < limited.largest <= 6_000 and result.block < 100_000
     ref, out = read_volume(tmp_path / "ref.ome.tif").data, read_volume(tmp_path / "out.ome.tif").data
     assert np.abs(out - ref).max() <= 1e-5 * np.ptp(ref)
+
+
+PLAN_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from math import prod
+    import numpy as np
+    from sv_deploy.backends import open_backend
+    from sv_deploy.enhance import InferenceOptions
+    from sv_deploy.enhance_file import enhance_file, memory_view, read_input, ReadOptions
+    from sv_deploy.memory import FIXED_BYTES, INPUT_BYTES_PER_VOXEL, plan_bytes
+    model, src, dst = sys.argv[1:4]
+    config, runner = open_backend(model, "onnxruntime", "cpu", log=lambda m: None, ensemble=True)
+    options = InferenceOptions(ensemble=True, bp_iters=10)
+    shape = read_input(src, ReadOptions()).data.shape
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tile = (shape[0], shape[1] // 2, shape[2] // 2)
+    result = enhance_file(runner, config, src, dst, options, tile=tile, max_memory=8 << 30, progress=False,
+                          log=lambda m: None)
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    arch, ensemble = memory_view(runner, config, options)
+    plan = plan_bytes(shape, tile, config.stages, arch, 10, ensemble, 2, result.block)
+    print(json.dumps({"grew": grew, "plan": plan - FIXED_BYTES - INPUT_BYTES_PER_VOXEL * prod(shape)}))
+""")
+
+
+def test_the_memory_plan_covers_the_folded_ensemble_on_onnx_runtime(tmp_path):
+    """The full recipe as `infer` runs it on a CPU (ONNX Runtime, ensemble folded, tiles whose
+    network passes differ in shape): peak RSS grows by no more than the memory plan counts, which
+    is what lets --max-memory hold (its arena once grew past the plan, BENCH.md session 14)."""
+    import json
+
+    from sv_deploy.bench import fresh_model
+    from sv_deploy.model_file import save_model
+
+    config, nets = fresh_model([(2, 2, 2)])
+    model = tmp_path / "m.svmodel"
+    save_model(model, config, nets)
+    data = structured((30, 96, 96), seed=2).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    write_volume(src, [data], data.shape, np.uint16, "ZYX", (1.0, 1.0, 1.0))
+    script = tmp_path / "plan.py"
+    script.write_text(PLAN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(model), str(src), str(tmp_path / "o.ome.tif")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < report["grew"] <= report["plan"], report
