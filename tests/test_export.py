@@ -218,3 +218,32 @@ def test_the_export_cache_is_keyed_by_the_code_that_writes_the_graph(tmp_path):
     here = Path(onnx_cache.__file__).parent
     assert all((here / name).is_file() for name in onnx_cache.EXPORT_MODULES)
     assert onnx_cache.export_code_digest()[:12] in onnx_cache.cache_path("0" * 64, tmp_path).name
+
+
+def test_prelu_as_max_and_min_is_exact_for_any_slope():
+    """ONNX Runtime's CPU path runs PRelu as Mul + Max (+ Min for slopes above 1): every slope
+    sign and size must give the network's own output."""
+    torch.manual_seed(3)
+    stage = SVStage((2, 2, 2)).eval()
+    with torch.no_grad():
+        stage.expand.weight.normal_(std=0.05)
+        for module in stage.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(-0.5, 1.5)  # negative, in [0, 1] and above 1
+    graph = to_onnx(ModelConfig(stages=((2, 2, 2),)), [stage], "2" * 64)
+    rewritten = onnx_graph.prelu_as_max(graph)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "PRelu" not in ops and "Max" in ops and "Min" in ops
+    assert "PRelu" in [n.op_type for n in graph.graph.node]  # the export itself keeps PRelu
+    x = np.random.default_rng(0).standard_normal((1, 1, 9, 14, 11)).astype(np.float32)
+    with torch.no_grad():
+        expected = stage(torch.from_numpy(x)).numpy()
+    got = OnnxRuntimeBackend(graph, device="cpu").predict(0, x)  # the CPU backend uses the rewrite
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * value_range(expected))
+
+
+def test_prelu_slopes_within_one_need_no_min():
+    torch.manual_seed(4)
+    graph = to_onnx(ModelConfig(stages=((1, 2, 2),)), [SVStage((1, 2, 2)).eval()], "3" * 64)
+    ops = [n.op_type for n in onnx_graph.prelu_as_max(graph).graph.node]
+    assert "PRelu" not in ops and "Max" in ops and "Min" not in ops
