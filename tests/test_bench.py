@@ -21,6 +21,20 @@ def test_summary_statistics():
     assert speedup(62.0, 31.0) == 2.0 and speedup(None, 1.0) is None
 
 
+def test_peak_rss_sees_a_freed_allocation_and_only_its_own_block():
+    from sv_deploy.bench import PeakRSS
+
+    size = 300 * 2**20
+    with PeakRSS() as big:
+        block = np.ones(size // 8)  # touched, so resident
+        del block
+    assert big.peak - big.start >= 0.9 * size  # gone before the block ended, still counted
+    with PeakRSS() as small:
+        block = np.ones(2**20 // 8)
+        del block
+    assert small.peak - small.start < 0.5 * size  # the earlier peak does not carry over
+
+
 def test_quick_bench_writes_its_reports(tmp_path):
     out = tmp_path / "bench"
     result = run("bench", out, "--quick", "--json")
