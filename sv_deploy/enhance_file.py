@@ -22,7 +22,11 @@ from .normalize import check_output_dtype, denormalize, normalize, percentiles, 
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
 
-AUTO_TILE_LIMIT = (64, 256, 256)  # largest core the automatic choice considers
+# Largest core the automatic choice considers; the memory plan (`memory.choose_tile`) bounds it
+# below. Was 64x256x256: x2 of a 100x1024x1024 input under 11 GiB then ran its network on 2.1x
+# the voxels it kept (each tile's back-projection halo, and each pass's own); now 1.5x (BENCH.md,
+# session 15).
+AUTO_TILE_LIMIT = (128, 1024, 1024)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,21 @@ def test_chosen_tile_fits_the_budget_and_grows_with_it(stages):
         choose_tile(2**20, volume, stages, arch, 10, True, 2, (32, 96, 96))
 
 
+def test_the_automatic_tile_of_a_large_volume_is_not_mostly_halo():
+    """Each tile recomputes the back-projection's halo around it (20 input voxels at x2), so the
+    automatic choice must let tiles grow as far as the budget allows: at 11 GiB the tiles of a
+    100x1024x1024 x2 volume read 1.75x its voxels with cores capped at 64x256x256, 1.16x now."""
+    from sv_deploy.enhance_file import AUTO_TILE_LIMIT
+    from sv_deploy.tiling import _computed, total_halo
+
+    arch, stages, volume = ArchConfig(), ((2, 2, 2),), (100, 1024, 1024)
+    halo = total_halo(stages, arch, 10)
+    tile = choose_tile(11 * 2**30, volume, stages, arch, 10, True, 2, AUTO_TILE_LIMIT, 1_000_000)
+    read = np.prod([_computed(n, c, h) for n, c, h in zip(volume, tile, halo)])
+    assert read / np.prod(volume) < 1.4
+    assert plan_bytes(volume, tile, stages, arch, 10, True, 2, 1_000_000) <= 11 * 2**30
+
+
 def test_passes_on_a_gpu_are_not_charged_to_the_host_budget():
     """A GPU sizes its passes from its own free memory (`choose_block`); their activations live
     there, so the host plan counts only each pass's input and output staging."""
