@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+import psutil
 import torch
 
 from . import __version__
@@ -308,18 +309,39 @@ def time_training(quick: bool, log) -> List[dict]:
     return out
 
 
+# Vector-unit flags that decide how fast the CPU kernels can be: two machines both named "AMD EPYC"
+# ran the same bench 1.4x apart (BENCH.md, session 15).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "asimd", "sve")
+
+
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, family, model, flags = platform.processor(), None, None, []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                cpu = value
+            elif key == "cpu family":
+                family = value
+            elif key == "model":
+                model = value
+            elif key in ("flags", "Features"):
+                flags = [f for f in CPU_FLAGS if f in value.split()]
                 break
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cpu_family_model": None if family is None else f"{family}/{model}", "cpu_flags": flags,
+            "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu,
+            "platform": platform.platform(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "onnxruntime": _version("onnxruntime")}
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def _merge_availability(listed: List[dict], found: List[dict], task: str) -> None:

@@ -37,12 +37,21 @@ def speedup(reference_s: Optional[float], ours_s: Optional[float]) -> Optional[f
     return reference_s / ours_s
 
 
+def _machine(m: dict) -> str:
+    """'AMD EPYC (family/model 26/2; avx2, avx512f; 2 CPUs, 23.5 GiB)': the name alone does not
+    tell two CPU generations apart."""
+    details = [f"family/model {m['cpu_family_model']}"] if m.get("cpu_family_model") else []
+    details += [", ".join(m["cpu_flags"])] if m.get("cpu_flags") else []
+    details += [f"{m['cpus']} CPUs" + (f", {m['memory_gib']} GiB" if m.get("memory_gib") else "")]
+    return f"{m['cpu']} ({'; '.join(details)})"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# sv-deploy bench ({'quick' if report['quick'] else 'full'})",
         "",
         f"{report['date']}, sv-deploy {report['version']}, commit {report.get('commit') or 'n/a'}; "
-        f"machine: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs), GPU: {report['machine']['gpu'] or 'none'}.",
+        f"machine: {_machine(report['machine'])}, GPU: {report['machine']['gpu'] or 'none'}.",
         f"Command: `{report['command']}`",
         "",
         "## Backends",
