@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import psutil
@@ -30,7 +30,8 @@ from .bench_stats import PAPER, markdown, speedup, summarize, table
 from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
 from .enhance import InferenceOptions
 from .enhance_file import enhance_file
-from .model_file import save_model
+from .errors import UserError
+from .model_file import load_model, save_model
 from .model import SVStage
 from .normalize import normalize, percentiles
 from .simulate import beads
@@ -43,6 +44,26 @@ class Task:
     shape: Shape3
     stages: tuple
     paper_s: Optional[float]
+    source: Optional[Path] = None  # a user's file: its volume replaces the synthetic one
+
+
+def file_task(path: Path, read, model: Optional[Path]) -> Tuple[Task, np.ndarray]:
+    """A task on a user's own volume: x4 on every axis it has (as the paper's tasks), or the
+    factors of `model`. Reading it checks it as `infer` would, before anything is timed."""
+    from .enhance_file import read_input
+
+    vol = read_input(path, read)
+    is_2d = vol.axes == "YX"
+    stages = ((1, 2, 2),) * 2 if is_2d else ((2, 2, 2),) * 2
+    if model is not None:
+        config = load_model(model)[0]
+        stages = config.stages
+        if config.axes == "YX" and not is_2d:
+            raise UserError(f"{model} enhances 2D images, but {path} is a "
+                            f"{'x'.join(map(str, vol.data.shape))} (z,y,x) stack; bench it with a 3D model")
+        if is_2d and config.total_factors()[0] != 1:
+            raise UserError(f"{model} scales z, but {path} is a 2D image; bench it with a 2D model")
+    return Task(f"file {path.name}", tuple(vol.data.shape), tuple(stages), None, source=path), vol.data
 
 
 def tasks(quick: bool) -> List[Task]:
@@ -366,7 +387,13 @@ def provenance(command: str) -> dict:
 
 def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: int = 3, min_seconds: float = 0.0,
               only: Sequence[str] = (), command: str = "sv-deploy bench", log: Callable[[str], None] = print,
-              select: Sequence[str] = (), single: bool = True) -> dict:
+              select: Sequence[str] = (), single: bool = True, inputs: Sequence[Path] = (),
+              model: Optional[Path] = None, read=None) -> dict:
+    """`inputs`: users' files, timed beside the synthetic tasks (`select` "files" keeps only them),
+    with `model` (a .svmodel) or an untrained x4 model of their kind; `read`: how to read them."""
+    from .enhance_file import ReadOptions
+
+    user = [file_task(Path(p), read or ReadOptions(), model) for p in inputs]  # bad input fails here, not after minutes
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {
@@ -376,19 +403,22 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     }
     with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
         work = Path(tmp)
-        for task in tasks(quick):
-            if select and task.name not in select:
-                continue
-            config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
-            model = work / f"{task.name}.svmodel"
-            sha256 = save_model(model, config, stages)
+        synthetic = [(t, None) for t in tasks(quick) if not select or t.name in select]
+        for task, data in synthetic + (user if not select or "files" in select else []):
+            if task.source is not None and model is not None:
+                config, stages, sha256 = load_model(model)
+                model_file = Path(model)
+            else:
+                config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
+                model_file = work / f"{_slug(task.name)}.svmodel"
+                sha256 = save_model(model_file, config, stages)
             found = backends(config, stages, quick, work, log, sha256)
             _merge_availability(report["backends"], found, task.name)
-            data = synthetic_volume(task.shape)
-            src = work / f"{task.name}.tif"
+            data = synthetic_volume(task.shape) if data is None else data
+            src = work / f"{_slug(task.name)}.tif"
             write_volume(src, [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
             crop = data[:4, :64, :64]
-            warmup = work / f"{task.name}_warmup.tif"
+            warmup = work / f"{_slug(task.name)}_warmup.tif"
             write_volume(warmup, [crop], crop.shape, crop.dtype, "ZYX", (0.4, 0.1, 0.1))
             for mode, options in MODES.items() if single else ():
                 for b in (b for b in found if b["available"]):
@@ -411,7 +441,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                     log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
             # --quick: the series reuse the export above instead of exporting on first use (seconds each)
             graph = next((b["graph"] for b in found if b.get("graph") is not None), None) if quick else None
-            report["series"] += _series(task, model, sha256, data, work, quick, only, report["failed"], log, graph)
+            report["series"] += _series(task, model_file, sha256, data, work, quick, only, report["failed"], log, graph)
         if training:
             report["training"] = time_training(quick, log)
     for r in report["inference"]:
@@ -445,21 +475,21 @@ def _series(task: Task, model: Path, sha256: str, data: np.ndarray, work: Path, 
     from .export import save_onnx
     from .onnx_cache import ENV, cache_path
 
-    count, mode = SERIES[task.name]
+    count, mode = SERIES.get(task.name, SERIES["3d"])
     if quick:
         count = 2
     if graph is not None:
         mode = "fast"
     files = []
     for i in range(count):
-        files.append(work / f"{task.name}_series_{i}.tif")
+        files.append(work / f"{_slug(task.name)}_series_{i}.tif")
         write_volume(files[-1], [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
     rows = []
     for name, backend in SERIES_BACKENDS.items():
         if only and not any(o in name for o in only):
             continue
         log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}, {count} files, model loaded once: {name} ...")
-        cache = work / f"cache-{task.name}-{backend}"  # a cold export cache: the first use of a new model
+        cache = work / f"cache-{_slug(task.name)}-{backend}"  # a cold export cache: the first use of a new model
         if graph is not None and backend == "onnxruntime":
             cache_path(sha256, folder=cache).parent.mkdir(parents=True, exist_ok=True)
             save_onnx(graph, cache_path(sha256, folder=cache))
@@ -484,6 +514,10 @@ def _series(task: Task, model: Path, sha256: str, data: np.ndarray, work: Path, 
         log(f"  first output after {row['first_output_s']:.2f} s, then {per['median']:.3f} s per file" if per
             else f"  first output after {row['first_output_s']:.2f} s")
     return rows
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def write_report(report: dict, outdir: Path) -> None:

@@ -76,3 +76,40 @@ def test_bench_repeated_only(tmp_path):
     report = json.loads(result.stdout)
     assert report["inference"] == [] and report["training"] == []
     assert [r["backend"] for r in report["series"]] == ["onnxruntime (cpu, fp32)"]
+
+
+def _stack(path, shape=(6, 40, 36)):
+    from sv_deploy.volume_io import write_volume
+
+    vol = np.random.default_rng(0).integers(0, 4000, shape, dtype=np.uint16)
+    write_volume(path, [vol], vol.shape, vol.dtype, "ZYX", (0.5, 0.2, 0.2))
+    return path
+
+
+def test_bench_times_a_users_own_file(tmp_path):
+    src = _stack(tmp_path / "mine.tif")
+    result = run("bench", tmp_path / "b", "--quick", "--task", "files", "--input", src, "--backend", "onnxruntime",
+                 "--no-training", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {(r["task"], r["mode"]) for r in report["inference"]} == {("file mine.tif", "full"), ("file mine.tif", "fast")}
+    for r in report["inference"]:
+        assert r["input_shape"] == [6, 40, 36] and r["paper_s"] is None and r["file_to_file_s"] > 0
+    assert [r["task"] for r in report["series"]] == ["file mine.tif"]
+    assert "file mine.tif" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_bench_refuses_bad_user_files_before_timing_anything(tmp_path):
+    from sv_deploy.bench import fresh_model
+    from sv_deploy.model_file import save_model
+
+    from test_cli import assert_one_line_error
+
+    bad = tmp_path / "notes.tif"
+    bad.write_text("not an image")
+    assert_one_line_error(run("bench", tmp_path / "b", "--input", bad), "notes.tif")
+    model_2d = tmp_path / "flat.svmodel"
+    save_model(model_2d, *fresh_model([(1, 2, 2)], axes="YX"))
+    assert_one_line_error(run("bench", tmp_path / "b", "--input", _stack(tmp_path / "s.tif"), "--model", model_2d), "2D")
+    assert_one_line_error(run("bench", tmp_path / "b", "--task", "files"), "--input")
+    assert not (tmp_path / "b").exists()
