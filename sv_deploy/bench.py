@@ -547,7 +547,7 @@ def chart(report: dict, path: Path) -> None:
             ax.hlines(paper, j - 0.1, j + 0.8, colors="k", linestyles="dashed")
             ax.text(j + 0.8, paper, " paper", va="center", fontsize=8)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{t} {m}" for t, m in groups])
+    ax.set_xticklabels([f"{t.removeprefix('file ')}\n{m}" for t, m in groups], fontsize=8)  # user files: long names
     ax.set_ylabel("file to file, seconds (median)")
     ax.set_yscale("log")
     ax.set_title(f"sv-deploy bench on {report['machine']['gpu'] or report['machine']['cpu']}")
