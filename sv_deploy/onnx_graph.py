@@ -167,8 +167,8 @@ def prelu_as_max(model: onnx.ModelProto) -> onnx.ModelProto:
     prelu(x) = max(x, a*x) wherever a <= 1 and min(x, a*x) wherever a >= 1, so Max with the
     slopes clipped to 1, then Min with them floored at 1 (only when some slope exceeds 1), is
     exact. ONNX Runtime's CPU PRelu ran 5x slower than Mul + Max on a 128-channel 3D map (127 vs
-    24 ms, BENCH.md session 15), a tenth of a folded pass; the exported file keeps PRelu for
-    TensorRT, which has it natively.
+    24 ms), a sixth (3D) to a quarter (2D) of a folded pass (BENCH.md, session 15); the exported
+    file keeps PRelu for TensorRT, which has it natively.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
