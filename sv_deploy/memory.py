@@ -144,3 +144,26 @@ def default_budget() -> int:
     """Half of what is free: room for the reader, the writer and everything else on the PC."""
     return available_bytes() // 2
 
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HEAP_MAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give allocations of 1 MiB or more their own mappings, returned to the system when
+    freed. By default glibc raises that threshold (up to 32 MiB) each time such a block is freed,
+    after which same-sized tile arrays come from its heap and stay there when freed: the same
+    streaming run then grew peak RSS by 60-124 MiB against 33-36 MiB with the threshold fixed
+    (BENCH.md, session 15), past a 56 MiB budget. Process-wide and idempotent; False where the C
+    library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (then theirs stands)."""
+    import ctypes
+    import os
+    import sys
+
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_MAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
