@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_slabs
 from .errors import UserError
 from .geometry import ensemble_transforms
-from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget, return_freed_memory
+from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget, returns_freed_memory
 from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
@@ -88,6 +88,7 @@ def memory_view(runner, config, options):
     return replace(config.arch, members=config.arch.members * copies), False
 
 
+@returns_freed_memory  # freed tile arrays leave the process, so the budget holds
 def enhance_file(
     runner,
     config: ModelConfig,
@@ -102,7 +103,6 @@ def enhance_file(
     log: Callable[[str], None] = print,
 ) -> FileResult:
     start = time.perf_counter()
-    return_freed_memory()  # so freed tile arrays leave the process and the budget holds
     # Half of what is free before the input is read: the plan counts the input itself (`plan_bytes`),
     # so measuring after reading would charge it twice and refuse volumes that fit.
     budget = max_memory or default_budget()

@@ -6,6 +6,7 @@ by the output" is a number the CLI can choose and a test can check.
 
 from __future__ import annotations
 
+import functools
 import re
 from math import ceil, prod
 from typing import Optional, Sequence
@@ -146,17 +147,13 @@ def default_budget() -> int:
 
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-HEAP_MAP_THRESHOLD = 1 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+HEAP_MAP_THRESHOLD = 1 << 20  # during inference
+# After it, where glibc's moving thresholds end on 64-bit: mmap at 32 MiB, heap trimmed above 64 MiB.
+AFTER_MAP_THRESHOLD, AFTER_TRIM_THRESHOLD = 32 << 20, 64 << 20
 
 
-def return_freed_memory() -> bool:
-    """Have glibc give allocations of 1 MiB or more their own mappings, returned to the system when
-    freed. By default glibc raises that threshold (up to 32 MiB) each time such a block is freed,
-    after which same-sized tile arrays come from its heap and stay there when freed: the same
-    streaming run then grew peak RSS by 60-124 MiB against 33-36 MiB with the threshold fixed
-    (BENCH.md, session 15), past a 56 MiB budget. Process-wide and idempotent; False where the C
-    library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (then theirs stands)."""
+def _mallopt(param: int, size: int) -> bool:
     import ctypes
     import os
     import sys
@@ -164,6 +161,31 @@ def return_freed_memory() -> bool:
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_MAP_THRESHOLD) == 1
+        return ctypes.CDLL("libc.so.6").mallopt(param, size) == 1
     except (OSError, AttributeError):
         return False
+
+
+def returns_freed_memory(func):
+    """Run `func` with glibc giving allocations of 1 MiB or more their own mappings, returned to the
+    system when freed.
+
+    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
+    which same-sized tile arrays come from its heap and stay there when freed: one streaming run
+    grew peak RSS by 60-124 MiB against 33-36 MiB with the threshold at 1 MiB (BENCH.md, session
+    15), past a 56 MiB budget. The setting is process-wide and glibc never lets its threshold move
+    again once set, so afterwards it is set where the moving one ends (32 MiB, heap trimmed above
+    64 MiB): training at 1 MiB took 1.6-1.9x as long, at these settings as long as before. Nothing
+    changes where the C library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (theirs stands)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        fixed = _mallopt(M_MMAP_THRESHOLD, HEAP_MAP_THRESHOLD)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if fixed:
+                _mallopt(M_MMAP_THRESHOLD, AFTER_MAP_THRESHOLD)
+                _mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
+
+    return wrapper
