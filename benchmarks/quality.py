@@ -4,6 +4,7 @@ Runs the real CLI (train, infer, evaluate --json) as a user would, on:
   (a) the Self-Vision authors' bead pair, x4 (5x128x128 -> 20x512x512);
   (b) each 3D volume in shared/data/real as truth, downsampled x2 by the degradation model;
   (c) the fly brain (56x256x256 crop as truth) at x4, the case the authors' code was run on.
+  --set held-out: the 2D images (x2, x4) and cells3d at x4, kept out of every choice of default.
 Writes benchmarks/results/quality_<tag>.json and prints a Markdown table.
 
     python benchmarks/quality.py --data ../shared/data --work /tmp/svq --tag cpu2
@@ -41,15 +42,16 @@ def run(args, log):
 def make_pair(src: Path, work: Path, name: str, factor: int, channel=None, crop=None):
     """Truth = the volume cropped to a multiple of the factor; LR = degradation model, input dtype."""
     vol = read_volume(src, channel=channel)
-    data = vol.data
+    data = vol.data  # (1, y, x) for a 2D image, which is scaled in y and x only
+    factors = (1 if vol.axes == "YX" else factor, factor, factor)
     if crop:
         data = data[tuple(slice(0, c) for c in crop)]
-    data = data[tuple(slice(0, n // factor * factor) for n in data.shape)]
-    lr = cast(downsample(data.astype(np.float32), (factor,) * 3), data.dtype)
+    data = data[tuple(slice(0, n // f * f) for n, f in zip(data.shape, factors))]
+    lr = cast(downsample(data.astype(np.float32), factors), data.dtype)
     truth, low = work / f"{name}_truth.tif", work / f"{name}_lr.tif"
-    lr_voxel = tuple(None if v is None else v * factor for v in vol.voxel_size)
-    write_volume(truth, [data], data.shape, data.dtype, "ZYX", vol.voxel_size)
-    write_volume(low, [lr], lr.shape, lr.dtype, "ZYX", lr_voxel)
+    lr_voxel = tuple(None if v is None else v * f for v, f in zip(vol.voxel_size, factors))
+    write_volume(truth, [data], data.shape, data.dtype, vol.axes, vol.voxel_size)
+    write_volume(low, [lr], lr.shape, lr.dtype, vol.axes, lr_voxel)
     return truth, low
 
 
@@ -77,6 +79,8 @@ def main():
     p.add_argument("--work", type=Path, default=Path("/tmp/sv-deploy-quality"))
     p.add_argument("--tag", default="cpu")
     p.add_argument("--only", nargs="*", help="run only these case names")
+    p.add_argument("--set", default="main", choices=["main", "held-out", "all"],
+                   help="main: the issue's table; held-out: cases kept out of every choice of default")
     p.add_argument("--recipe", default="fast", choices=["fast", "paper"])
     p.add_argument("--train-args", default="", help='extra `sv-deploy train` options, e.g. "--mid-layers 2"')
     args = p.parse_args()
@@ -91,6 +95,16 @@ def main():
         ("3d_10_chromosomes_x2", lambda: make_pair(real / "3d_10_chromosomes_neubias.tif", args.work, "3d_10", 2), 2),
         ("3d_02_flybrain_x4", lambda: make_pair(real / "3d_02_flybrain_confocal.tif", args.work, "3d_02x4", 4, crop=(56, 256, 256)), 4),
     ]
+    # Held out: never used to choose a default, so they tell whether a choice generalises
+    # (the two 2D images, and the cells3d volume at x4).
+    held_out = [
+        ("3d_01_cells3d_x4", lambda: make_pair(real / "3d_01_cells3d_nuclei_confocal.tif", args.work, "3d_01x4", 4), 4),
+        ("2d_01_hipsc_x2", lambda: make_pair(real / "2d_01_bbbc034_hipsc_slice_C0.tif", args.work, "2d_01", 2), 2),
+        ("2d_01_hipsc_x4", lambda: make_pair(real / "2d_01_bbbc034_hipsc_slice_C0.tif", args.work, "2d_01x4", 4), 4),
+        ("2d_04_nuclei_x2", lambda: make_pair(real / "2d_04_dsb2018_nuclei_stardist.tif", args.work, "2d_04", 2), 2),
+        ("2d_04_nuclei_x4", lambda: make_pair(real / "2d_04_dsb2018_nuclei_stardist.tif", args.work, "2d_04x4", 4), 4),
+    ]
+    cases = {"main": cases, "held-out": held_out, "all": cases + held_out}[args.set]
     results = []
     extra = ("--recipe", args.recipe, *args.train_args.split())
     with open(args.work / f"log_{args.tag}.txt", "w") as log:
@@ -106,6 +120,7 @@ def main():
     report = {
         **provenance(" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])),
         "recipe": args.recipe,
+        "set": args.set,
         "results": results,
     }
     out = HERE / "results" / f"quality_{args.tag}.json"
