@@ -29,11 +29,12 @@ from . import __version__
 from .bench_stats import PAPER, markdown, speedup, summarize, table
 from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
 from .enhance import InferenceOptions
-from .enhance_file import enhance_file
+from .enhance_file import ReadOptions, enhance_file, read_input
 from .errors import UserError
 from .model_file import load_model, save_model
 from .model import SVStage
 from .normalize import normalize, percentiles
+from .pipeline import ReadAhead
 from .simulate import beads
 from .volume_io import write_volume
 
@@ -286,21 +287,28 @@ SERIES_BACKENDS = {"torch eager": "torch", "onnxruntime": "onnxruntime"}
 
 def time_series(model_path: Path, backend: str, files: Sequence[Path], outdir: Path, options: InferenceOptions) -> dict:
     """Load the model file once, then enhance the files one after another, as `infer a.tif b.tif ...`
-    does: time to first output (model load, backend set-up, ONNX export on its first use, first
-    file) and the per-file time of the rest."""
+    does (each next file read while the current one is enhanced): time to first output (model
+    load, backend set-up, ONNX export on its first use, first file) and the per-file time of the
+    rest, from one output to the next."""
     from .backends import open_backend
 
     start = time.perf_counter()
     config, runner = open_backend(str(model_path), backend, "auto", log=lambda m: None, ensemble=options.ensemble)
     quiet = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
     load_s = time.perf_counter() - start
-    first_s, per_file = None, []
-    for i, path in enumerate(files):
-        r = enhance_file(runner, config, path, outdir / f"series_{i}.ome.tif", options, **quiet)
-        if first_s is None:
-            first_s = time.perf_counter() - start
-        else:
-            per_file.append(r.total_s)
+    first_s, per_file, last = None, [], start
+    with ReadAhead(lambda path: read_input(path, ReadOptions())) as reader:
+        for i, path in enumerate(files):
+            volume = reader.take(path)
+            if i + 1 < len(files):
+                reader.prefetch(files[i + 1])
+            enhance_file(runner, config, path, outdir / f"series_{i}.ome.tif", options, volume=volume, **quiet)
+            now = time.perf_counter()
+            if first_s is None:
+                first_s = now - start
+            else:
+                per_file.append(now - last)
+            last = now
     return {"backend": runner.name, "files": len(files), "load_s": load_s, "first_output_s": first_s,
             "per_file": summarize(per_file) if per_file else None}
 

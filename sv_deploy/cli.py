@@ -294,7 +294,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
 
     MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'. It is loaded once for
     all inputs. INPUT may be a glob ('acq/*.tif'). With several inputs a file that fails is
-    reported and skipped.
+    reported and skipped, and each next file is read while the current one is enhanced (unless
+    --max-memory is given or the file is large beside the free memory).
 
     \b
     Examples:
@@ -305,8 +306,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     """
     from .backends import open_backend
     from .enhance import InferenceOptions
-    from .enhance_file import ReadOptions, enhance_file, output_name
+    from .enhance_file import ReadOptions, enhance_file, output_name, read_input
     from .memory import parse_size
+    from .pipeline import ReadAhead
 
     start = time.perf_counter()
     paths = _expand(inputs)
@@ -334,8 +336,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
 
     tile = tile or getattr(runner, "tile", None)  # a TensorRT engine brings the tile it was built for
 
-    def run_one(path, out):
-        result = enhance_file(runner, config, path, out, options, read, out_dtype, tile, budget, not quiet, log)
+    def run_one(path, out, volume=None):
+        result = enhance_file(runner, config, path, out, options, read, out_dtype, tile, budget, not quiet, log,
+                              volume=volume)
         log(f"wrote {out} in {result.total_s:.1f} s (read {result.read_s:.1f} s, compute {result.compute_s:.1f} s)")
         return result
 
@@ -358,20 +361,29 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     done, skipped, failed = [], [], []
     written = {}  # output -> the input it was made from in this run
     current = []  # the input being enhanced, for the message when interrupted
+    reader = ReadAhead(lambda path: read_input(path, read))
 
-    def handle(path):
+    def wanted(path) -> bool:
+        return overwrite or not out_of(path).exists()
+
+    def handle(path, upcoming=None):
         out = out_of(path)
         source = str(Path(path).resolve())
         try:
             if written.get(out, source) != source:
                 raise UserError(f"its output {out} was already written from {written[out]} in this run; "
                                 "rename one of the two files")
-            if out.exists() and not overwrite:
+            if not wanted(path):
                 skipped.append(path)
                 log(f"skipped {path}: {out} already exists (pass --overwrite to replace it)")
                 return
             current.append(path)
-            done.append(run_one(path, out))
+            try:
+                volume = reader.take(path)
+            finally:  # even when this one fails to read
+                if upcoming is not None and wanted(upcoming) and _may_read_ahead(upcoming, budget):
+                    reader.prefetch(upcoming)  # read while this one is enhanced
+            done.append(run_one(path, out, volume))
             current.clear()
             written[out] = source
             if path in failed:  # a watched file that failed half-written and has now gone through
@@ -393,13 +405,15 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
                 + (f", {len(skipped)} skipped (output exists)" if skipped else ""))
 
     try:
-        for path in paths:
-            handle(path)
+        for path, upcoming in zip(paths, [*paths[1:], None]):
+            handle(path, upcoming)
     except KeyboardInterrupt:
         if current:
             log(f"interrupted while enhancing {current[0]}; its output was not written")
         log(summary())
         raise
+    finally:
+        reader.close()
     if watch_dir:
         from .watch import watch
 
@@ -427,6 +441,18 @@ def _check_distinct_outputs(paths, out_of) -> None:
             raise UserError(f"{planned[out]} and {path} would both be written to {out}; enhance them in "
                             "separate runs with different -o folders, or rename one")
         planned[out] = path
+
+
+def _may_read_ahead(path, budget) -> bool:
+    """Read `path` while the file before it is enhanced? Not under --max-memory (the copy read
+    ahead would sit outside the limit the user set), nor when it is large beside the free memory."""
+    from .memory import available_bytes, may_read_ahead
+
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return False  # reported when its turn comes
+    return budget is None and may_read_ahead(size, available_bytes())
 
 
 def _is_glob(item: str) -> bool:

@@ -46,7 +46,7 @@ class FileResult:
     output_shape: Tuple[int, int, int]
     tile: Tuple[int, int, int]
     block: int  # most voxels one network pass read
-    read_s: float
+    read_s: float  # reading (what was not read ahead) and normalizing
     compute_s: float  # time the worker spent producing slabs (backend + ensemble + back-projection)
     total_s: float  # file to file: reading the input to the renamed output
 
@@ -101,13 +101,15 @@ def enhance_file(
     max_memory: Optional[int] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    volume: Optional[Volume] = None,
 ) -> FileResult:
+    """`volume`: the input, already read by `read_input` (`pipeline.ReadAhead`); else read here."""
     start = time.perf_counter()
     # Half of what is free before the input is read: the plan counts the input itself (`plan_bytes`),
     # so measuring after reading would charge it twice and refuse volumes that fit.
-    budget = max_memory or default_budget()
+    budget = max_memory or default_budget(0 if volume is None else volume.data.nbytes)
     arch, ensemble = memory_view(runner, config, options)
-    vol = read_input(input_path, read)
+    vol = volume if volume is not None else read_input(input_path, read)
     factors = config.total_factors()
     if vol.axes == "YX" and factors[0] != 1:
         raise UserError(

@@ -141,9 +141,20 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def default_budget() -> int:
-    """Half of what is free: room for the reader, the writer and everything else on the PC."""
-    return available_bytes() // 2
+def default_budget(already_read: int = 0) -> int:
+    """Half of what is free: room for the reader, the writer and everything else on the PC.
+    `already_read`: bytes of the input in memory already (read ahead), counted as free since the
+    plan charges the input itself."""
+    return (available_bytes() + already_read) // 2
+
+
+READ_AHEAD_SHARE = 16  # an input is read ahead only when it takes at most 1/16 of the free memory
+
+
+def may_read_ahead(file_bytes: int, available: int) -> bool:
+    """Whether to read the next input while the current one is enhanced: its copy must stay small
+    beside the current file's budget (half of what was free when it started)."""
+    return file_bytes * READ_AHEAD_SHARE <= available
 
 
 

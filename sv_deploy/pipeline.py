@@ -1,15 +1,17 @@
-"""Overlap computing and writing: the next slab is computed while the previous one is written.
+"""Overlap reading, computing and writing: the next slab is computed while the previous one is
+written, and with several inputs the next file is read while the current one is enhanced.
 
-The writer runs in a worker thread and the compute stays in the calling thread: torch and ONNX
-Runtime keep their thread pools and buffers where they were first used (a compute thread of its own
-cost about 130 MiB more peak memory, measured), and file writes release the GIL.
+The writer and the reader run in worker threads and the compute stays in the calling thread: torch
+and ONNX Runtime keep their thread pools and buffers where they were first used (a compute thread of
+its own cost about 130 MiB more peak memory, measured), and file reads and writes release the GIL.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, List, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Dict, Generic, Hashable, Iterable, Iterator, List, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -83,3 +85,37 @@ def write_behind(consumer: Callable[[Iterator[T]], None], items: Iterable[T], de
         raise
     if errors:
         raise errors[0]
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class ReadAhead(Generic[K, T]):
+    """Read one input ahead in a worker thread: while file k is enhanced, file k+1 is read, so a
+    batch from a slow share (an instrument PC's network drive) waits for no read between files.
+    One read at most is ahead, so at most one more input is in memory; a read that fails raises
+    when its file's turn comes (`take`), not before."""
+
+    def __init__(self, read: Callable[[K], T]):
+        self._read = read
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sv-deploy-reader")
+        self._ahead: Dict[K, Future] = {}
+
+    def prefetch(self, key: K) -> None:
+        if key not in self._ahead:
+            self._ahead = {key: self._pool.submit(self._read, key)}  # an earlier one not taken is dropped
+
+    def take(self, key: K) -> T:
+        """What was read ahead for `key` (its error raised here), or read it now."""
+        future = self._ahead.pop(key, None)
+        return future.result() if future is not None else self._read(key)
+
+    def close(self) -> None:
+        self._ahead = {}
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ReadAhead[K, T]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ from sv_deploy.config import ArchConfig
 from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
 from sv_deploy.errors import UserError
 from sv_deploy.memory import MIN_BLOCK_VOXELS, choose_tile, parse_size, plan_bytes
-from sv_deploy.pipeline import Aborted, write_behind
+from sv_deploy.pipeline import Aborted, ReadAhead, write_behind
 from sv_deploy.volume_io import read_volume, write_volume
 from sv_deploy.progress import LogProgress
 from sv_deploy.watch import SettleTracker, watch
@@ -95,6 +96,30 @@ def test_write_behind_stops_the_producer_when_the_writer_fails():
     with pytest.raises(OSError, match="disk full"):
         write_behind(consumer, counting())
     assert len(produced) < 10
+
+
+def test_read_ahead_reads_the_next_input_while_the_current_one_is_worked_on():
+    next_read = threading.Event()
+
+    def read(key):
+        if key == "bad":
+            raise UserError("bad is not a TIFF")
+        if key == "b":
+            next_read.set()
+        return key.upper()
+
+    with ReadAhead(read) as reader:
+        assert reader.take("a") == "A"  # nothing ahead: read now
+        reader.prefetch("b")
+        # the caller works on "a" now; "b" is read meanwhile, not when its turn comes
+        assert next_read.wait(5)
+        assert reader.take("b") == "B"
+        reader.prefetch("bad")  # its error waits for its turn
+        with pytest.raises(UserError, match="bad is not a TIFF"):
+            reader.take("bad")
+        reader.prefetch("c")
+        reader.prefetch("d")  # replaces "c", which is then read when asked for
+        assert reader.take("c") == "C" and reader.take("d") == "D"
 
 
 def test_settle_tracker_waits_for_a_stable_file():
@@ -180,7 +205,7 @@ def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, 
 
     events = []
     real_read = ef.read_input
-    monkeypatch.setattr(ef, "default_budget", lambda: events.append("budget") or 2**30)
+    monkeypatch.setattr(ef, "default_budget", lambda already_read=0: events.append("budget") or 2**30)
     monkeypatch.setattr(ef, "read_input", lambda *a: events.append("read") or real_read(*a))
     src = tmp_path / "in.tif"
     write_volume(src, [np.random.default_rng(0).integers(0, 200, (6, 20, 20), dtype=np.uint8)], (6, 20, 20), np.uint8, "ZYX", (1.0, 1.0, 1.0))
@@ -269,6 +294,33 @@ def test_many_inputs_with_one_bad_file(model_file, tmp_path):
     assert again.exit_code == 0, again.output
     assert "enhanced 0 file(s), 0 failed, 2 skipped (output exists)" in again.stderr
     assert (tmp_path / "out" / "acq0_x2.ome.tif").stat().st_mtime_ns == before
+
+
+def test_many_inputs_are_read_one_ahead_unless_memory_is_capped(model_file, tmp_path, monkeypatch):
+    """While a file is enhanced, the next is read in the reader thread (a bad one still fails
+    alone); under --max-memory every file is read when its turn comes, inside the limit."""
+    import sv_deploy.enhance_file as ef
+
+    for i in range(4):
+        data = structured((8, 24, 24), seed=i)
+        write_volume(tmp_path / f"acq{i}.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+    (tmp_path / "acq1.tif").write_bytes(b"not a tiff")
+    reads = []
+    real_read = ef.read_input
+    monkeypatch.setattr(ef, "read_input", lambda path, *a: reads.append(
+        (os.path.basename(path), threading.current_thread().name)) or real_read(path, *a))
+    result = run("infer", model_file, str(tmp_path / "acq*.tif"), "-o", tmp_path / "out", "--bp-iters", "1", "-q")
+    assert result.exit_code == 1 and "enhanced 3 file(s), 1 failed" in result.stderr, result.stderr
+    assert "acq1.tif" in result.stderr
+    assert [name for name, _ in reads] == [f"acq{i}.tif" for i in range(4)]
+    assert reads[0][1] == "MainThread" and all(t.startswith("sv-deploy-reader") for _, t in reads[1:])
+    for i in (0, 2, 3):
+        assert read_volume(tmp_path / "out" / f"acq{i}_x2.ome.tif").data.shape == (16, 48, 48)
+    reads.clear()
+    capped = run("infer", model_file, str(tmp_path / "acq*.tif"), "-o", tmp_path / "out2", "--bp-iters", "1",
+                 "-q", "--max-memory", "1G")
+    assert capped.exit_code == 1 and "enhanced 3 file(s), 1 failed" in capped.stderr
+    assert [t for _, t in reads] == ["MainThread"] * 4
 
 
 def test_batch_outputs_that_would_collide_or_a_file_name_for_many_are_refused(model_file, tmp_path):
