@@ -46,6 +46,9 @@ def friendly(func):
             os._exit(130)
         except MemoryError:
             _fail("out of memory; use a smaller --tile (or --batch when training)", 3)
+        except OSError as exc:  # a full disk or a share gone away mid-write (partial outputs are removed)
+            where = f" ({exc.filename})" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}", 4)
 
     return wrapper
 

@@ -16,7 +16,7 @@ from .errors import UserError
 from .geometry import ensemble_transforms, forward, inverse
 from .progress import progress_bar
 from .resize import downsample, round_trip, upsample, upsample_add
-from .tiling import Tile, block_core, plan_tiles, slabs, stage_bp_iters, to_slices, total_halo
+from .tiling import Tile, block_core, plan_tiles, stage_bp_iters, to_slices, total_halo
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def check_folded(backend: Backend, options: InferenceOptions) -> bool:
     return folded
 
 
-def iter_slabs(
+def iter_tiles(
     backend: Backend,
     stages: Sequence[Factors],
     arch: ArchConfig,
@@ -157,36 +157,30 @@ def iter_slabs(
     progress: bool = False,
     value_range: ValueRange = None,
     finish: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-    dtype=np.float32,
-) -> Iterator[Tuple[Tuple[int, int], np.ndarray]]:
-    """Yield (z span in output, slab) for consecutive z-slabs of the enhanced volume.
+) -> Iterator[Tuple[Tile, np.ndarray]]:
+    """Yield (tile, its enhanced core) for every tile of the volume, in `plan_tiles` order.
 
-    Peak memory is one slab plus one tile, whatever the output size. `finish` maps each tile's
-    float32 result to the slab's `dtype` (de-normalize and cast), so a slab is held in the
-    output's type only: a uint16 slab is half a float32 one, and slabs are the other large arrays.
-    """
-    factors = total_factors(stages)
+    Peak memory is one tile's, whatever the output size. `finish` maps each tile's float32 result
+    to what the caller keeps (de-normalized and cast to the output's type: a uint16 core is half a
+    float32 one)."""
     halo = total_halo(stages, arch, options.bp_iters)
-    tiles = plan_tiles(volume.shape, options.tile, halo, factors)
-    out_hw = (volume.shape[1] * factors[1], volume.shape[2] * factors[2])
+    tiles = plan_tiles(volume.shape, options.tile, halo, total_factors(stages))
     folded = check_folded(backend, options)
     bar = progress_bar(sum(tile_work(t, stages, options, folded) for t in tiles), "enhance", "vox", progress,
                        unit_scale=True)
     counting = _Counting(backend, bar)
     try:
         done = 0
-        for group in slabs(tiles):
-            z0, z1 = group[0].out[0]
-            slab = np.empty((z1 - z0, *out_hw), dtype=dtype)
-            for tile in group:
-                margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-                counting.limit = done + tile_work(tile, stages, options, folded)
-                block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
-                _fill(slab, tile, finish(block) if finish else block)
-                del block
-                bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
-                done = counting.limit
-            yield (z0, z1), slab
+        for tile in tiles:
+            margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
+            counting.limit = done + tile_work(tile, stages, options, folded)
+            block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
+            core = finish(block) if finish else block
+            del block
+            bar.update(counting.limit - bar.n)  # the estimate is approximate: settle at each tile's end
+            done = counting.limit
+            yield tile, core
+            core = None  # the consumer holds it now
     finally:
         bar.close()
 
@@ -216,11 +210,6 @@ class _Counting:
         return y
 
 
-def _fill(slab: np.ndarray, tile: Tile, core: np.ndarray) -> None:
-    (_, _), (y0, y1), (x0, x1) = tile.out
-    slab[:, y0:y1, x0:x1] = core
-
-
 def enhance_volume(
     backend: Backend,
     stages: Sequence[Factors],
@@ -231,5 +220,8 @@ def enhance_volume(
     value_range: ValueRange = None,
 ) -> np.ndarray:
     """Whole enhanced volume in memory (training's stage chaining, tests, small data)."""
-    parts = [slab for _, slab in iter_slabs(backend, stages, arch, volume, options, progress, value_range)]
-    return np.concatenate(parts, axis=0)
+    shape = tuple(n * f for n, f in zip(volume.shape, total_factors(stages)))
+    out = np.empty(shape, dtype=np.float32)
+    for tile, core in iter_tiles(backend, stages, arch, volume, options, progress, value_range):
+        out[to_slices(tile.out)] = core
+    return out

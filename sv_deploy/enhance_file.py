@@ -1,7 +1,9 @@
-"""One input file -> one enhanced OME-TIFF: read, normalize, enhance slab by slab, write.
+"""One input file -> one enhanced OME-TIFF: read, normalize, enhance tile by tile, write.
 
-The writer runs one slab behind the compute (`pipeline.write_behind`); the tile is chosen from the
-memory budget unless given; on out-of-memory the file is redone with smaller network passes (and tiles).
+The output file is laid out first and each tile written into its place (`volume_io.volume_output`)
+by a writer running one tile behind the compute (`pipeline.write_behind`), so no output slab is held
+in memory; the tile is chosen from the memory budget unless given; on out-of-memory the file is
+redone with smaller network passes (and tiles).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from .config import ModelConfig
-from .enhance import InferenceOptions, iter_slabs
+from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
 from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget, returns_freed_memory
 from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
 from .pipeline import write_behind
-from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, write_volume
+from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, volume_output
 
 # Largest core the automatic choice considers; the memory plan (`memory.choose_tile`) bounds it
 # below. Was 64x256x256: x2 of a 100x1024x1024 input under 11 GiB then ran its network on 2.1x
@@ -47,7 +49,7 @@ class FileResult:
     tile: Tuple[int, int, int]
     block: int  # most voxels one network pass read
     read_s: float  # reading (what was not read ahead) and normalizing
-    compute_s: float  # time the worker spent producing slabs (backend + ensemble + back-projection)
+    compute_s: float  # time spent producing tiles (backend + ensemble + back-projection)
     total_s: float  # file to file: reading the input to the renamed output
 
 
@@ -153,19 +155,24 @@ def enhance_file(
         compute = [0.0]
 
         def produce():
-            gen = iter_slabs(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range,
-                             finish=lambda block: denormalize(block, low, high, dtype), dtype=dtype)
+            gen = iter_tiles(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range,
+                             finish=lambda block: denormalize(block, low, high, dtype))
             while True:
                 t0 = time.perf_counter()
                 item = next(gen, None)
                 if item is None:
                     return
                 compute[0] += time.perf_counter() - t0
-                yield item[1]
-                item = None  # the writer holds the slab now: not one reference more while the next is made
+                yield item
+                item = None  # the writer holds the tile now: not one reference more while the next is made
+
+        def write(tiles, out):
+            for done, core in tiles:
+                out.write(tuple(start for start, _ in done.out), core)
 
         try:
-            write_behind(lambda slabs: write_volume(output_path, slabs, shape, dtype, vol.axes, voxel), produce())
+            with volume_output(output_path, shape, dtype, vol.axes, voxel) as out:
+                write_behind(lambda tiles: write(tiles, out), produce())
             break
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(exc):

@@ -1,4 +1,4 @@
-"""Memory planning for inference: how many bytes a tile and a slab take, and the largest tile that fits.
+"""Memory planning for inference: how many bytes a tile takes, and the largest tile that fits.
 
 Pure arithmetic (plus one probe of free memory at the edge), so "peak RAM is bounded by the tile, not
 by the output" is a number the CLI can choose and a test can check.
@@ -16,7 +16,7 @@ from .errors import UserError
 from .tiling import candidate_lengths, total_halo
 from .trt_plan import ensemble_batch
 
-SLABS_IN_FLIGHT = 3  # one being computed, one queued, one being written
+OUTPUTS_IN_FLIGHT = 3  # tile cores: one just made, one queued, one being written
 FIXED_BYTES = 16 * 2**20  # allocator slack and per-shape library buffers
 INPUT_BYTES_PER_VOXEL = 8  # the normalized float32 copy of the input and its percentile pass
 MIN_CORE: Shape3 = (1, 8, 8)
@@ -70,22 +70,22 @@ def tile_bytes(core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_ite
     return peak
 
 
-def slab_bytes(core_z: int, volume: Shape3, factors: Factors, out_itemsize: int) -> int:
-    """One output z-slab, held in the output dtype (each tile is de-normalized and cast as it is
-    placed: `enhance.iter_slabs`)."""
-    planes = core_z * factors[0]
-    return planes * volume[1] * factors[1] * volume[2] * factors[2] * out_itemsize
+def output_bytes(core: Shape3, factors: Factors, out_itemsize: int) -> int:
+    """One tile's enhanced core, in the output dtype (de-normalized and cast as it is made:
+    `enhance.iter_tiles`) until the writer has put it in the file."""
+    return prod(c * f for c, f in zip(core, factors)) * out_itemsize
 
 
 def plan_bytes(volume: Shape3, core: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,
                ensemble: bool, out_itemsize: int, block: int = 0, on_device: bool = False) -> int:
-    """Host bytes of enhancing `volume` with tile `core`; `on_device`: network passes run on a GPU."""
+    """Host bytes of enhancing `volume` with tile `core`; `on_device`: network passes run on a GPU.
+    Tiles go straight into the output file (`volume_io.volume_output`): no output slab is held,
+    so the output's size does not count, only the few tile cores on their way to the file."""
     factors = total_factors(stages)
     core = tuple(min(c, n) for c, n in zip(core, volume))
     work = tile_bytes(core, stages, arch, bp_iters, ensemble, volume, block, on_device)
-    in_flight = min(SLABS_IN_FLIGHT, ceil(volume[0] / core[0]))  # a tile as deep as the volume: one slab
-    slabs = in_flight * slab_bytes(core[0], volume, factors, out_itemsize)
-    return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + slabs + work
+    in_flight = min(OUTPUTS_IN_FLIGHT, prod(ceil(n / c) for n, c in zip(volume, core)))
+    return FIXED_BYTES + INPUT_BYTES_PER_VOXEL * prod(volume) + in_flight * output_bytes(core, factors, out_itemsize) + work
 
 
 def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int,

@@ -63,7 +63,7 @@ def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def cast(x: np.ndarray, dtype: np.dtype, inplace: bool = False) -> np.ndarray:
     """Float values into a pixel type: integers are rounded and clamped, never wrapped.
 
-    `inplace` rounds and clamps in x itself (a float array the caller owns): output slabs are the
+    `inplace` rounds and clamps in x itself (a float array the caller owns): tile outputs are the
     largest arrays in the program, and each temporary of their size costs time.
     """
     dtype = np.dtype(dtype)

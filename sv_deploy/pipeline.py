@@ -1,4 +1,4 @@
-"""Overlap reading, computing and writing: the next slab is computed while the previous one is
+"""Overlap reading, computing and writing: the next tile is computed while the previous one is
 written, and with several inputs the next file is read while the current one is enhanced.
 
 The writer and the reader run in worker threads and the compute stays in the calling thread: torch

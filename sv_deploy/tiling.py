@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil
-from typing import Iterator, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _axis_spans(length: int, core: int) -> List[Span]:
 
 
 def plan_tiles(shape: Shape3, core: Shape3, halo: Shape3, factors: Factors) -> List[Tile]:
-    """Tiles in z-major order, so a z-slab of output is complete before the next begins."""
+    """Tiles in z-major order."""
     tiles = []
     per_axis = [_axis_spans(shape[a], core[a]) for a in range(3)]
     for sz in per_axis[0]:
@@ -76,18 +76,6 @@ def plan_tiles(shape: Shape3, core: Shape3, halo: Shape3, factors: Factors) -> L
                     out.append((s * f, e * f))
                 tiles.append(Tile(tuple(read), spans, tuple(out)))  # type: ignore
     return tiles
-
-
-def slabs(tiles: Sequence[Tile]) -> Iterator[List[Tile]]:
-    """Group tiles by their z core span (plan_tiles order)."""
-    group: List[Tile] = []
-    for t in tiles:
-        if group and group[0].core[0] != t.core[0]:
-            yield group
-            group = []
-        group.append(t)
-    if group:
-        yield group
 
 
 def _computed(length: int, core: int, halo: int) -> int:

@@ -77,7 +77,7 @@ def ensemble_batch(factors: Factors, ensemble: bool) -> int:
 
 def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp_iters: int,
                    ensemble: bool = True) -> List[Profile]:
-    """Profiles covering every tile `enhance.iter_slabs` can send to each stage.
+    """Profiles covering every tile `enhance.iter_tiles` can send to each stage.
 
     The largest tile is the core plus the halo on both sides; a quarter turn swaps y and x, so
     when the ensemble turns tiles both lateral sizes get the larger bound. Later stages see the

@@ -10,7 +10,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import tifffile
@@ -284,6 +284,22 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _ome_options(shape: Tuple[int, int, int], dtype: np.dtype, axes: str, voxel_size: VoxelSize) -> dict:
+    """tifffile.imwrite options of our outputs: uncompressed OME-TIFF (BigTIFF when large) with
+    the voxel size in the OME metadata and the TIFF resolution tags."""
+    metadata = {"axes": axes}
+    for ax, size in zip("ZYX", voxel_size):
+        if size is not None and (ax in axes):
+            metadata[f"PhysicalSize{ax}"] = float(size)
+            metadata[f"PhysicalSize{ax}Unit"] = "µm"
+    extra = {}
+    if voxel_size[1] and voxel_size[2]:
+        extra = dict(resolution=(1e4 / voxel_size[2], 1e4 / voxel_size[1]), resolutionunit="CENTIMETER")
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return dict(shape=shape if axes == "ZYX" else shape[1:], dtype=np.dtype(dtype), bigtiff=nbytes > BIGTIFF_BYTES,
+                ome=True, photometric="minisblack", metadata=metadata, **extra)
+
+
 def write_volume(
     path: os.PathLike | str,
     slabs: Iterable[np.ndarray],
@@ -294,33 +310,78 @@ def write_volume(
 ) -> None:
     """Stream z-slabs into an OME-TIFF (BigTIFF when large) under a temporary name, then rename."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    metadata = {"axes": axes}
-    for ax, size in zip("ZYX", voxel_size):
-        if size is not None and (ax in axes):
-            metadata[f"PhysicalSize{ax}"] = float(size)
-            metadata[f"PhysicalSize{ax}Unit"] = "µm"
-    extra = {}
-    if voxel_size[1] and voxel_size[2]:
-        extra = dict(resolution=(1e4 / voxel_size[2], 1e4 / voxel_size[1]), resolutionunit="CENTIMETER")
 
     def pages() -> Iterator[np.ndarray]:
         for slab in slabs:
             yield from np.asarray(slab, dtype=dtype)
 
-    write_shape = shape if axes == "ZYX" else shape[1:]
     with atomic_output(path) as tmp:
-        tifffile.imwrite(
-            tmp,
-            pages(),
-            shape=write_shape,
-            dtype=dtype,
-            bigtiff=nbytes > BIGTIFF_BYTES,
-            ome=True,
-            photometric="minisblack",
-            metadata=metadata,
-            **extra,
-        )
+        tifffile.imwrite(tmp, pages(), **_ome_options(shape, dtype, axes, voxel_size))
+
+
+class RegionWriter:
+    """Writes any box of a volume into an uncompressed OME-TIFF whose planes lie at known offsets,
+    so tiles can land in any order and no z-slab of the output is ever assembled in memory."""
+
+    def __init__(self, file, plane_offsets: Sequence[int], shape: Tuple[int, int, int], dtype: np.dtype):
+        self._file, self._offsets = file, list(plane_offsets)
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def write(self, start: Tuple[int, int, int], block: np.ndarray) -> None:
+        """Put `block` (z, y, x) at voxel `start`: one write per plane when it spans whole rows, else
+        one per row."""
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        (z0, y0, x0), width = start, self.shape[2]
+        if any(s < 0 or s + n > m for s, n, m in zip(start, block.shape, self.shape)):
+            raise ValueError(f"region {start} + {block.shape} lies outside the volume {self.shape}")
+        item = self.dtype.itemsize
+        for dz, plane in enumerate(block):
+            base = self._offsets[z0 + dz]
+            if block.shape[2] == width:
+                self._file.seek(base + y0 * width * item)
+                self._file.write(plane.data)
+                continue
+            for dy, row in enumerate(plane):
+                self._file.seek(base + ((y0 + dy) * width + x0) * item)
+                self._file.write(row.data)
+
+
+@contextlib.contextmanager
+def volume_output(path: os.PathLike | str, shape: Tuple[int, int, int], dtype: np.dtype, axes: str,
+                  voxel_size: VoxelSize) -> Iterator[RegionWriter]:
+    """An OME-TIFF laid out first (its data space left sparse), then filled region by region under
+    a temporary name, renamed onto `path` only once the block finishes: the same file as
+    `write_volume` writes, but nothing needs holding in memory in page order."""
+    dtype = np.dtype(dtype)
+    path = Path(path)
+    needed = int(np.prod(shape)) * dtype.itemsize
+    free = _free_disk(path.parent)
+    if free is not None and free < needed + 2**20:
+        raise UserError(f"not enough disk space for {path}: it needs {needed / 2**30:.2f} GiB, "
+                        f"{free / 2**30:.2f} GiB are free; free some or write elsewhere")
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(tmp, **_ome_options(shape, dtype, axes, voxel_size))
+        with tifffile.TiffFile(tmp) as tif:
+            layout = [(page.dataoffsets, page.databytecounts) for page in tif.pages]
+        plane_bytes = shape[1] * shape[2] * dtype.itemsize
+        if len(layout) != shape[0] or not all(_one_run(o, c, plane_bytes) for o, c in layout):
+            raise RuntimeError(f"tifffile laid out {tmp} in an unexpected way ({len(layout)} pages)")
+        with open(tmp, "r+b") as f:
+            yield RegionWriter(f, [o[0] for o, _ in layout], shape, dtype)
+
+
+def _one_run(offsets: Sequence[int], counts: Sequence[int], size: int) -> bool:
+    """Whether a page's strips follow one another, `size` bytes in all (so a plane is one array)."""
+    return sum(counts) == size and all(a + n == b for a, n, b in zip(offsets, counts, offsets[1:]))
+
+
+def _free_disk(folder: Path) -> Optional[int]:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder if str(folder) else ".").free
+    except OSError:
+        return None
 
 
 def scaled_voxel_size(voxel: VoxelSize, factors: Tuple[int, int, int]) -> VoxelSize:

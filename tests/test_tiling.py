@@ -5,7 +5,7 @@ from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance import InferenceOptions, back_project, enhance_block, enhance_volume
 from sv_deploy.resize import bp_reach, downsample, upsample
-from sv_deploy.tiling import block_core, plan_tiles, slabs, total_halo
+from sv_deploy.tiling import block_core, plan_tiles, total_halo
 
 
 @pytest.mark.parametrize("shape,core,factors", [((10, 33, 40), (4, 16, 9), (2, 2, 2)), ((1, 20, 21), (1, 8, 8), (1, 3, 2))])
@@ -18,13 +18,6 @@ def test_tiles_cover_the_output_exactly_once(shape, core, factors):
             assert r0 <= c0 < c1 <= r1
             assert (o0, o1) == (c0 * f, c1 * f)
     assert (cover == 1).all()
-
-
-def test_tiles_come_in_complete_z_slabs():
-    tiles = plan_tiles((9, 20, 20), (3, 8, 8), (2, 2, 2), (2, 2, 2))
-    groups = list(slabs(tiles))
-    assert len(groups) == 3
-    assert all(len({t.core[0] for t in g}) == 1 for g in groups)
 
 
 def test_halo_grows_with_back_projection_and_shrinks_through_stages():

@@ -3,7 +3,7 @@ import pytest
 import tifffile
 
 from sv_deploy.errors import UserError
-from sv_deploy.volume_io import read_volume, scaled_voxel_size, write_volume
+from sv_deploy.volume_io import read_volume, scaled_voxel_size, volume_output, write_volume
 from conftest import data_file
 
 
@@ -43,6 +43,46 @@ def test_ome_round_trip_keeps_data_dtype_and_voxel_size(tmp_path):
     np.testing.assert_array_equal(back.data, data)
     assert back.voxel_size == pytest.approx((0.5, 0.125, 0.125))
     assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("axes, shape", [("ZYX", (5, 37, 29)), ("YX", (1, 40, 33))])
+def test_tiles_written_in_any_order_give_the_streamed_file(tmp_path, axes, shape):
+    """Inference writes each tile into its place; the file must be the one `write_volume` streams
+    page by page (bytes equal but for the OME UUID), readable with its voxel size."""
+    data = np.random.default_rng(1).integers(0, 60000, shape).astype(np.uint16)
+    boxes = [((0, 20, 9), (shape[0], shape[1], shape[2])), ((0, 0, 0), (shape[0], 20, shape[2])),
+             ((0, 20, 0), (shape[0], shape[1], 9))]
+    tiled, streamed = tmp_path / "tiled.ome.tif", tmp_path / "streamed.ome.tif"
+    with volume_output(tiled, shape, np.uint16, axes, (0.5, 0.1, 0.1)) as out:
+        for lo, hi in boxes:  # the last rows first, a narrow box last
+            out.write(lo, data[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        with pytest.raises(ValueError, match="outside"):
+            out.write((0, 30, 0), data[:, :20])
+    write_volume(streamed, [data], shape, np.uint16, axes, (0.5, 0.1, 0.1))
+    back = read_volume(tiled)
+    np.testing.assert_array_equal(back.data, data)
+    assert back.axes == axes and back.voxel_size[1:] == pytest.approx((0.1, 0.1))
+    a, b = tiled.read_bytes(), streamed.read_bytes()
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    uuid = a.index(b"urn:uuid:") + len(b"urn:uuid:")
+    assert len(a) == len(b) and all(uuid <= i < uuid + 36 for i in differ)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_tiled_output_that_fails_or_does_not_fit_the_disk_leaves_no_file(tmp_path, monkeypatch):
+    import sv_deploy.volume_io as vio
+
+    path = tmp_path / "o.ome.tif"
+    with pytest.raises(RuntimeError, match="tile failed"):
+        with volume_output(path, (4, 16, 16), np.uint8, "ZYX", (1.0, 1.0, 1.0)) as out:
+            out.write((0, 0, 0), np.ones((2, 16, 16), np.uint8))
+            raise RuntimeError("tile failed")
+    assert not path.exists() and not list(tmp_path.glob(".*partial*"))
+    monkeypatch.setattr(vio, "_free_disk", lambda folder: 10_000)
+    with pytest.raises(UserError, match="not enough disk space .* needs 0.00 GiB, 0.00 GiB are free"):
+        with volume_output(path, (40, 160, 160), np.uint16, "ZYX", (1.0, 1.0, 1.0)):
+            pass
+    assert not list(tmp_path.iterdir())
 
 
 def test_scaled_voxel_size_divides_each_axis():
