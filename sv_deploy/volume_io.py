@@ -354,11 +354,11 @@ def volume_output(path: os.PathLike | str, shape: Tuple[int, int, int], dtype: n
     `write_volume` writes, but nothing needs holding in memory in page order."""
     dtype = np.dtype(dtype)
     path = Path(path)
-    needed = int(np.prod(shape)) * dtype.itemsize
+    needed = int(np.prod(shape)) * dtype.itemsize + 2**20  # the data, and room for headers and the rest
     free = _free_disk(path.parent)
-    if free is not None and free < needed + 2**20:
-        raise UserError(f"not enough disk space for {path}: it needs {needed / 2**30:.2f} GiB, "
-                        f"{free / 2**30:.2f} GiB are free; free some or write elsewhere")
+    if free is not None and free < needed:
+        raise UserError(f"not enough disk space for {path}: it needs {_size(needed)}, {_size(free)} "
+                        "are free; free some or write elsewhere")
     with atomic_output(path) as tmp:
         tifffile.imwrite(tmp, **_ome_options(shape, dtype, axes, voxel_size))
         with tifffile.TiffFile(tmp) as tif:
@@ -373,6 +373,10 @@ def volume_output(path: os.PathLike | str, shape: Tuple[int, int, int], dtype: n
 def _one_run(offsets: Sequence[int], counts: Sequence[int], size: int) -> bool:
     """Whether a page's strips follow one another, `size` bytes in all (so a plane is one array)."""
     return sum(counts) == size and all(a + n == b for a, n, b in zip(offsets, counts, offsets[1:]))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _free_disk(folder: Path) -> Optional[int]:

@@ -326,6 +326,21 @@ def test_many_inputs_are_read_one_ahead_unless_memory_is_capped(model_file, tmp_
     assert [t for _, t in reads] == ["MainThread"] * 4
 
 
+def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(model_file, tmp_path, monkeypatch):
+    import sv_deploy.volume_io as vio
+
+    data = structured((8, 24, 24))
+    src = tmp_path / "acq.tif"
+    write_volume(src, [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+    monkeypatch.setattr(vio, "_free_disk", lambda folder: 100_000)  # the x2 output: 37 kB, and 1 MiB to spare
+    result = run("infer", model_file, src, "-o", tmp_path / "o.ome.tif", "-q")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not enough disk space" in errors[0] and "needs 1.0 MiB, 0.1 MiB are free" in errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acq.tif"]
+
+
 def test_batch_outputs_that_would_collide_or_a_file_name_for_many_are_refused(model_file, tmp_path):
     data = structured((8, 24, 24))
     for folder in ("d1", "d2"):

@@ -79,7 +79,7 @@ def test_a_tiled_output_that_fails_or_does_not_fit_the_disk_leaves_no_file(tmp_p
             raise RuntimeError("tile failed")
     assert not path.exists() and not list(tmp_path.glob(".*partial*"))
     monkeypatch.setattr(vio, "_free_disk", lambda folder: 10_000)
-    with pytest.raises(UserError, match="not enough disk space .* needs 0.00 GiB, 0.00 GiB are free"):
+    with pytest.raises(UserError, match=r"not enough disk space .* needs 3.0 MiB, 0.0 MiB are free"):
         with volume_output(path, (40, 160, 160), np.uint16, "ZYX", (1.0, 1.0, 1.0)):
             pass
     assert not list(tmp_path.iterdir())
