@@ -341,6 +341,25 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(model_file, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acq.tif"]
 
 
+def test_a_disk_that_fills_while_writing_ends_in_one_line_and_no_file(model_file, tmp_path, monkeypatch):
+    import errno
+
+    import sv_deploy.volume_io as vio
+
+    data = structured((8, 24, 24))
+    src = tmp_path / "acq.tif"
+    write_volume(src, [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+
+    def full(self, start, block):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vio.RegionWriter, "write", full)
+    result = run("infer", model_file, src, "-o", tmp_path / "o.ome.tif", "-q")
+    assert result.exit_code == 4 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == "error: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acq.tif"]
+
+
 def test_batch_outputs_that_would_collide_or_a_file_name_for_many_are_refused(model_file, tmp_path):
     data = structured((8, 24, 24))
     for folder in ("d1", "d2"):
