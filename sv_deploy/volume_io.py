@@ -356,6 +356,8 @@ def volume_output(path: os.PathLike | str, shape: Tuple[int, int, int], dtype: n
     path = Path(path)
     needed = int(np.prod(shape)) * dtype.itemsize + 2**20  # the data, and room for headers and the rest
     free = _free_disk(path.parent)
+    if free is not None and path.is_file():
+        free += path.stat().st_size  # an output being replaced gives its space back
     if free is not None and free < needed:
         raise UserError(f"not enough disk space for {path}: it needs {_size(needed)}, {_size(free)} "
                         "are free; free some or write elsewhere")
