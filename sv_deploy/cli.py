@@ -364,7 +364,7 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     done, skipped, failed = [], [], []
     written = {}  # output -> the input it was made from in this run
     current = []  # the input being enhanced, for the message when interrupted
-    reader = ReadAhead(lambda path: read_input(path, read))
+    reader = ReadAhead(lambda path: read_input(path, read), version=_file_version)
 
     def wanted(path) -> bool:
         return overwrite or not out_of(path).exists()
@@ -444,6 +444,15 @@ def _check_distinct_outputs(paths, out_of) -> None:
             raise UserError(f"{planned[out]} and {path} would both be written to {out}; enhance them in "
                             "separate runs with different -o folders, or rename one")
         planned[out] = path
+
+
+def _file_version(path):
+    """What tells a file rewritten since it was read ahead (None: gone or unreadable)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _may_read_ahead(path, budget) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Dict, Generic, Hashable, Iterable, Iterator, List, TypeVar
+from typing import Callable, Dict, Generic, Hashable, Iterable, Iterator, List, Tuple, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -94,21 +94,25 @@ class ReadAhead(Generic[K, T]):
     """Read one input ahead in a worker thread: while file k is enhanced, file k+1 is read, so a
     batch from a slow share (an instrument PC's network drive) waits for no read between files.
     One read at most is ahead, so at most one more input is in memory; a read that fails raises
-    when its file's turn comes (`take`), not before."""
+    when its file's turn comes (`take`), not before. With `version` (a file's size and mtime, say),
+    what was read ahead is used only if the version is unchanged at its turn: a file rewritten in
+    between (a watched acquisition written again) is read again."""
 
-    def __init__(self, read: Callable[[K], T]):
-        self._read = read
+    def __init__(self, read: Callable[[K], T], version: Callable[[K], Hashable] = lambda key: None):
+        self._read, self._version = read, version
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sv-deploy-reader")
-        self._ahead: Dict[K, Future] = {}
+        self._ahead: Dict[K, Tuple[Hashable, Future]] = {}
 
     def prefetch(self, key: K) -> None:
-        if key not in self._ahead:
-            self._ahead = {key: self._pool.submit(self._read, key)}  # an earlier one not taken is dropped
+        if key not in self._ahead:  # an earlier one not taken is dropped
+            self._ahead = {key: (self._version(key), self._pool.submit(self._read, key))}
 
     def take(self, key: K) -> T:
         """What was read ahead for `key` (its error raised here), or read it now."""
-        future = self._ahead.pop(key, None)
-        return future.result() if future is not None else self._read(key)
+        version, future = self._ahead.pop(key, (None, None))
+        if future is None or self._version(key) != version:
+            return self._read(key)
+        return future.result()
 
     def close(self) -> None:
         self._ahead = {}

@@ -61,10 +61,11 @@ def snapshot(folder: Path) -> Dict[str, Stamp]:
     return stamps
 
 
-def watch(folder: Path, handle: Callable[[str], None], settle: float = 2.0, poll: float = 0.5,
+def watch(folder: Path, handle: Callable[[str, Optional[str]], None], settle: float = 2.0, poll: float = 0.5,
           idle_exit: Optional[float] = None, skip: Callable[[str], bool] = lambda p: False,
           log: Callable[[str], None] = print) -> None:
-    """Call `handle(path)` for each completed TIFF in `folder`, in name order, until Ctrl-C or idle.
+    """Call `handle(path, upcoming)` for each completed TIFF in `folder`, in name order, until
+    Ctrl-C or idle; `upcoming` is the next file already complete, if any (to read it ahead).
 
     A folder that cannot be listed (a network share gone away) is waited for, not fatal."""
     tracker = SettleTracker(settle)
@@ -85,9 +86,11 @@ def watch(folder: Path, handle: Callable[[str], None], settle: float = 2.0, poll
             unreachable = False
         if tracker.pending(stamps):
             last_activity = now
-        for path in tracker.ready(stamps, now):
-            if not skip(path):
-                handle(path)
+        ready = tracker.ready(stamps, now)
+        todo = [p for p in ready if not skip(p)]
+        for path, upcoming in zip(todo, [*todo[1:], None]):
+            handle(path, upcoming)  # several landed at once: the next is read while this one is enhanced
+        if ready:
             last_activity = time.monotonic()
         if idle_exit is not None and time.monotonic() - last_activity >= idle_exit:
             return

@@ -120,6 +120,13 @@ def test_read_ahead_reads_the_next_input_while_the_current_one_is_worked_on():
         reader.prefetch("c")
         reader.prefetch("d")  # replaces "c", which is then read when asked for
         assert reader.take("c") == "C" and reader.take("d") == "D"
+    versions, reads = {"f": 1}, []
+    with ReadAhead(lambda key: reads.append(key) or f"{key}{versions[key]}", version=versions.get) as reader:
+        reader.prefetch("f")
+        versions["f"] = 2  # rewritten after it was read ahead: read again at its turn
+        assert reader.take("f") == "f2" and len(reads) == 2
+        reader.prefetch("f")
+        assert reader.take("f") == "f2" and len(reads) == 3  # unchanged: the copy read ahead
 
 
 def test_settle_tracker_waits_for_a_stable_file():
@@ -137,7 +144,7 @@ def test_settle_tracker_waits_for_a_stable_file():
 
 def test_watch_waits_for_a_folder_that_is_gone(tmp_path):
     lines = []
-    watch(tmp_path / "unplugged", lambda p: None, settle=0.1, poll=0.05, idle_exit=0.3, log=lines.append)
+    watch(tmp_path / "unplugged", lambda p, upcoming: None, settle=0.1, poll=0.05, idle_exit=0.3, log=lines.append)
     assert len(lines) == 1 and "cannot list" in lines[0]
 
 
