@@ -285,8 +285,10 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
                    "once, see README) and torch on a CUDA GPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Keep running: enhance each TIFF that lands in this folder.")
-@click.option("--settle", type=float, default=2.0, show_default=True, help="--watch: seconds a file must stay unchanged before it is read.")
-@click.option("--exit-when-idle", type=float, help="--watch: stop after this many seconds without a new file (default: run until Ctrl-C).")
+@click.option("--settle", type=click.FloatRange(min=0), help="--watch: seconds a file must stay unchanged before it is "
+              "read; set it above the longest pause of your acquisition software while it writes a file.  [default: 2]")
+@click.option("--exit-when-idle", type=click.FloatRange(min=0),
+              help="--watch: stop after this many seconds without a new file (default: run until Ctrl-C).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @with_input_options
@@ -314,6 +316,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     from .pipeline import ReadAhead
 
     start = time.perf_counter()
+    if not watch_dir and (settle is not None or exit_when_idle is not None):
+        raise UserError(f"{'--settle' if settle is not None else '--exit-when-idle'} only applies with --watch FOLDER")
+    settle = 2.0 if settle is None else settle
     paths = _expand(inputs)
     if not paths and not watch_dir:
         raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
@@ -367,7 +372,10 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     reader = ReadAhead(lambda path: read_input(path, read), version=_file_version)
 
     def wanted(path) -> bool:
-        return overwrite or not out_of(path).exists()
+        """Also when this run wrote its output: a watched file handed over again has changed since
+        (an acquisition that paused longer than --settle), and its first output is stale."""
+        out = out_of(path)
+        return overwrite or not out.exists() or written.get(out) == str(Path(path).resolve())
 
     def handle(path, upcoming=None):
         out = out_of(path)
@@ -380,6 +388,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
                 skipped.append(path)
                 log(f"skipped {path}: {out} already exists (pass --overwrite to replace it)")
                 return
+            if written.get(out) == source:
+                log(f"{path} changed after it was enhanced; enhancing it again")
             current.append(path)
             try:
                 volume = reader.take(path)
@@ -403,33 +413,34 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             log(f"error: {path}: unexpected {type(exc).__name__}: {exc}; skipped")
 
     def summary() -> str:
-        return (f"enhanced {len(done)} file(s), {len(failed)} failed"
+        return (f"enhanced {len(written)} file(s), {len(failed)} failed"
                 + (f" ({', '.join(map(str, failed))})" if failed else "")
                 + (f", {len(skipped)} skipped (output exists)" if skipped else ""))
 
     try:
-        for path, upcoming in zip(paths, [*paths[1:], None]):
-            handle(path, upcoming)
-    except KeyboardInterrupt:
-        if current:
-            log(f"interrupted while enhancing {current[0]}; its output was not written")
-        log(summary())
-        raise
-    finally:
-        reader.close()
-    if watch_dir:
-        from .watch import watch
-
-        log(f"watching {folder} for new TIFF files (Ctrl-C to stop)")
-        seen = {str(Path(p).resolve()) for p in paths}
         try:
-            watch(folder, handle, settle=settle, idle_exit=exit_when_idle,
-                  skip=lambda p: str(Path(p).resolve()) in seen, log=log)
+            for path, upcoming in zip(paths, [*paths[1:], None]):
+                handle(path, upcoming)
         except KeyboardInterrupt:
             if current:
-                log(f"interrupted while enhancing {current[0]}; its output was not written (it is enhanced "
-                    "on the next run)")
-            log("stopped watching")
+                log(f"interrupted while enhancing {current[0]}; its output was not written")
+            log(summary())
+            raise
+        if watch_dir:
+            from .watch import watch
+
+            log(f"watching {folder} for new TIFF files (Ctrl-C to stop)")
+            seen = {str(Path(p).resolve()) for p in paths}
+            try:
+                watch(folder, handle, settle=settle, idle_exit=exit_when_idle,
+                      skip=lambda p: str(Path(p).resolve()) in seen, log=log)
+            except KeyboardInterrupt:
+                if current:
+                    log(f"interrupted while enhancing {current[0]}; its output was not written (it is enhanced "
+                        "on the next run)")
+                log("stopped watching")
+    finally:  # after the watch too: it reads ahead with the same reader
+        reader.close()
     log(summary())
     if failed:
         sys.exit(1)

@@ -83,6 +83,10 @@ def load_model(path: os.PathLike | str):
         tensors = load_file(str(path))
     except (SafetensorError, ValueError) as exc:
         raise UserError(f"{path} is damaged ({exc}); get a fresh copy or re-train the model") from None
+    foreign = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.dtype != torch.float32})
+    if foreign:  # `save_model` writes float32 only
+        raise UserError(f"{path} holds {', '.join(foreign)} weights, which sv-deploy never writes: the file was "
+                        "edited or made by another program; get a fresh copy or re-train the model")
     if "config" not in meta or _checksum(meta["config"], tensors) != meta.get("sha256"):
         raise UserError(f"{path} fails its checksum: the file is corrupt or was edited; get a fresh copy")
     try:  # the checksum holds, so a config that does not parse comes from a newer or foreign writer

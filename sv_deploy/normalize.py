@@ -20,7 +20,11 @@ def percentiles(volume: np.ndarray, norm: NormConfig) -> Tuple[float, float]:
     low, high = np.percentile(flat, [norm.low_percentile, norm.high_percentile])
     low, high = float(low), float(high)
     if high <= low:  # sparse data (beads): the high percentile can sit on the background
-        high = float(flat.max())
+        high = float(volume.max())  # of all of it: a subsample can miss the few bright voxels
+    if high <= low:  # nearly all one bright value, a few darker voxels
+        low = float(volume.min())
+    if high <= low:
+        raise UserError(f"the volume is constant (every voxel is {low:g}); there is no structure to enhance")
     return low, high
 
 
@@ -51,12 +55,25 @@ def output_bounds(dtype: np.dtype, data_min: float) -> Tuple[float, float]:
     return low, high
 
 
+def integer_limits(dtype: np.dtype, ftype: np.dtype) -> Tuple[float, float]:
+    """An integer type's range as values of float type `ftype` that lie inside it.
+
+    float32 rounds 2**31 - 1 and 2**32 - 1 up, past the range, and a value clamped there would
+    wrap around in the cast; the nearest float32 inside (128 or 256 below) is taken instead."""
+    info, ftype = np.iinfo(dtype), np.dtype(ftype).type
+    low, high = ftype(info.min), ftype(info.max)
+    if float(high) > info.max:  # a Python comparison: exact, where numpy's would round info.max too
+        high = np.nextafter(high, ftype(0))
+    if float(low) < info.min:
+        low = np.nextafter(low, ftype(0))
+    return low, high
+
+
 def clip_to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Clamp to an integer pixel type's range (floats pass unchanged); values stay float."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
-        info = np.iinfo(dtype)
-        return np.clip(x, info.min, info.max)
+        return np.clip(x, *integer_limits(dtype, x.dtype))
     return x
 
 
@@ -69,9 +86,8 @@ def cast(x: np.ndarray, dtype: np.dtype, inplace: bool = False) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         if inplace:
-            info = np.iinfo(dtype)
             np.rint(x, out=x)
-            np.clip(x, info.min, info.max, out=x)
+            np.clip(x, *integer_limits(dtype, x.dtype), out=x)
         else:
             x = clip_to_dtype(np.rint(x), dtype)
     return x.astype(dtype)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,25 @@ import tifffile
 
 from .errors import UserError
 
-# tifffile logs its own complaints about odd metadata; the reader's error (or the data) says what matters
-logging.getLogger("tifffile").setLevel(logging.ERROR)
+_reading = threading.local()  # the complaints tifffile logs while this thread reads a file
+# Signs in them that a file ends before its pages do or that its pages do not fill its own
+# metadata: tifffile then reads what it can (often just the first plane) without raising.
+INCOMPLETE_SIGNS = ("invalid page offset", "metadata invalid or corrupted", "failed to reshape")
+
+
+class _Complaints(logging.Handler):
+    """Keeps tifffile's complaints for the read that caused them (`read_volume` turns the signs of
+    an incomplete file into its error) instead of printing them beside the one-line error."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = getattr(_reading, "complaints", None)
+        if found is not None:
+            found.append(record.getMessage())
+
+
+_tifffile_log = logging.getLogger("tifffile")
+_tifffile_log.setLevel(logging.ERROR)
+_tifffile_log.addHandler(_Complaints())
 
 VoxelSize = Tuple[Optional[float], Optional[float], Optional[float]]
 UNKNOWN: VoxelSize = (None, None, None)
@@ -178,6 +196,23 @@ def _pick_series(tif: tifffile.TiffFile, series: Optional[int], path: Path):
     return 0, found[0]
 
 
+def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
+    """Refuse a file that ends before its data does, or whose pages fall short of its metadata: a
+    stack still being written, or cut off in a copy, would otherwise read as its first planes."""
+    sign = next((f"tifffile: {c.split('> ')[-1]}" for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)), None)
+    if sign is None and series is not None:
+        size, pages = path.stat().st_size, [series] if series.dataoffset is not None else series.pages
+        for page in pages:
+            ends = ([series.dataoffset + series.nbytes] if page is series else
+                    [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n] if page is not None else [])
+            if ends and max(ends) > size:
+                sign = f"its data runs to byte {max(ends)} of a {size}-byte file"
+                break
+    if sign is not None:
+        raise UserError(f"{path} is incomplete or damaged ({sign}); if it is still being "
+                        "written, wait until it is complete, else copy or export it again")
+
+
 def read_volume(
     path: os.PathLike | str,
     axes: Optional[str] = None,
@@ -194,16 +229,23 @@ def read_volume(
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a TIFF file")
+    _reading.complaints = complaints = []
     try:
         with tifffile.TiffFile(path) as tif:
             index, chosen = _pick_series(tif, series, path)
+            _check_complete(path, chosen, complaints)
             data = chosen.asarray()
             tif_axes = chosen.axes
             voxel = _read_voxel_size(tif, index, chosen.keyframe)
-    except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
-        raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
     except OSError as exc:
         raise UserError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except (UserError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile's and its codecs' errors on damaged data have no common base
+        _check_complete(path, None, complaints)
+        raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
+    finally:
+        _reading.complaints = None
     if axes is not None:
         axes = axes.upper()
         if len(axes) != data.ndim or len(set(axes)) != len(axes) or set(axes) - set("TZCYX"):
@@ -356,11 +398,11 @@ def volume_output(path: os.PathLike | str, shape: Tuple[int, int, int], dtype: n
     path = Path(path)
     needed = int(np.prod(shape)) * dtype.itemsize + 2**20  # the data, and room for headers and the rest
     free = _free_disk(path.parent)
-    if free is not None and path.is_file():
-        free += path.stat().st_size  # an output being replaced gives its space back
     if free is not None and free < needed:
+        # an output being replaced stays on the disk until the rename: its space does not count
+        replacing = " (the file it replaces stays until the new one is complete)" if path.is_file() else ""
         raise UserError(f"not enough disk space for {path}: it needs {_size(needed)}, {_size(free)} "
-                        "are free; free some or write elsewhere")
+                        f"are free{replacing}; free some or write elsewhere")
     with atomic_output(path) as tmp:
         tifffile.imwrite(tmp, **_ome_options(shape, dtype, axes, voxel_size))
         with tifffile.TiffFile(tmp) as tif:

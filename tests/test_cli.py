@@ -102,6 +102,10 @@ def bad_inputs(tmp_path):
     tifffile.imwrite(files["nan"], nan, photometric="minisblack")
     files["constant"] = tmp_path / "constant.tif"
     tifffile.imwrite(files["constant"], np.full((8, 32, 32), 7, np.uint16))
+    files["truncated"] = tmp_path / "cut.tif"  # an ImageJ stack cut off mid-copy: tifffile alone reads plane 1
+    tifffile.imwrite(files["truncated"], np.random.default_rng(0).integers(0, 100, (8, 32, 32)).astype(np.uint16),
+                     imagej=True, metadata={"axes": "ZYX"})
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:9000])
     files["tiny"] = tmp_path / "tiny.tif"
     tifffile.imwrite(files["tiny"], np.random.default_rng(0).integers(0, 100, (2, 12, 12)).astype(np.uint16))
     return files
@@ -115,6 +119,7 @@ def bad_inputs(tmp_path):
         ("four_d", ["--axes"]),
         ("nan", ["NaN/Inf"]),
         ("constant", ["constant"]),
+        ("truncated", ["incomplete or damaged", "wait until it is complete"]),
     ],
 )
 def test_bad_volumes_give_one_line_and_no_output(key, words, bad_inputs, model_file, tmp_path):

@@ -35,6 +35,17 @@ def test_files_that_are_not_ours_are_refused(tmp_path):
         load_model(other)
 
 
+def test_weights_of_another_type_are_refused_before_the_checksum(model_file, tmp_path):
+    from safetensors.torch import load_file
+
+    meta = read_header(model_file)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(model_file)).items()}
+    bf16 = tmp_path / "bf16.svmodel"
+    save_file(tensors, str(bf16), metadata=meta)
+    with pytest.raises(UserError, match="holds bfloat16 weights"):
+        load_model(bf16)
+
+
 def test_a_model_file_is_readable_like_any_new_file(tmp_path):
     import stat
 

@@ -1,6 +1,10 @@
 import numpy as np
+import pytest
 
-from sv_deploy.normalize import cast, clip_to_dtype, denormalize, normalize, output_bounds, valid_range
+from sv_deploy.config import NormConfig
+from sv_deploy.errors import UserError
+from sv_deploy.normalize import (MAX_SAMPLES, cast, clip_to_dtype, denormalize, normalize, output_bounds, percentiles,
+                                 valid_range)
 
 
 def test_cast_rounds_and_clamps_integers_instead_of_wrapping():
@@ -8,6 +12,27 @@ def test_cast_rounds_and_clamps_integers_instead_of_wrapping():
     np.testing.assert_array_equal(cast(x, np.uint8), [0, 2, 3, 255])
     np.testing.assert_array_equal(cast(x, np.float32), x)
     np.testing.assert_array_equal(clip_to_dtype(x, np.uint8), np.array([0.0, 2.4, 2.6, 255.0], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32])
+def test_32_bit_integers_clamp_at_their_top_without_wrapping(dtype):
+    """float32 rounds 2**31 - 1 (2**32 - 1) up past the type: a clamp there wrapped to the bottom."""
+    top = np.iinfo(dtype).max
+    x = np.array([top * 0.999, top, top * 1.01], np.float32)
+    for y in (cast(x, dtype), cast(x.copy(), dtype, inplace=True), denormalize(x / top, 0.0, float(top), dtype)):
+        assert y.dtype == dtype and (y > top // 2).all() and (top - y.astype(np.int64) < 0.002 * top).all(), y
+
+
+def test_percentiles_of_a_sparse_volume_see_the_voxels_a_subsample_misses():
+    vol = np.zeros(MAX_SAMPLES * 2 + 3, np.uint16)
+    vol[1::MAX_SAMPLES] = 1000  # off the stride the subsample takes
+    low, high = percentiles(vol.reshape(1, 1, -1), NormConfig())
+    assert (low, high) == (0.0, 1000.0)
+    bright = np.full((2, 50, 50), 700, np.uint16)
+    bright[0, 0, :3] = 5  # almost all one value: both percentiles sit on it
+    assert percentiles(bright, NormConfig()) == (5.0, 700.0)
+    with pytest.raises(UserError, match="constant"):
+        percentiles(np.full((2, 4, 4), 9, np.uint8), NormConfig())
 
 
 def test_normalize_round_trip_and_valid_range():

@@ -346,6 +346,14 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(model_file, t
     assert len(errors) == 1 and "not enough disk space" in errors[0] and "needs 1.0 MiB, 0.1 MiB are free" in errors[0]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acq.tif"]
+    # an output being replaced stays until the new one is renamed over it: its size is not free
+    old = tmp_path / "old.ome.tif"
+    old.write_bytes(bytes(500_000))
+    monkeypatch.setattr(vio, "_free_disk", lambda folder: 2**20)  # enough only if old.ome.tif counted
+    again = run("infer", model_file, src, "-o", old, "-q", "--overwrite")
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.exit_code == 2 and len(errors) == 1 and "the file it replaces stays" in errors[0], again.stderr
+    assert old.read_bytes() == bytes(500_000)
 
 
 def test_a_disk_that_fills_while_writing_ends_in_one_line_and_no_file(model_file, tmp_path, monkeypatch):
@@ -417,6 +425,35 @@ def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path)
     assert "paused.tif" in err  # its first, truncated read failed
     assert "enhanced 3 file(s), 1 failed (" in err and "broken.tif)" in err
     for name in ("first", "second", "paused"):
+        assert read_volume(out / f"{name}_x2.ome.tif").data.shape == (16, 48, 48)
+
+
+def test_watch_reads_ahead_and_enhances_a_file_again_that_changed_after_it(model_file, tmp_path):
+    """Two files waiting when the watch starts are ready together (the second is read ahead), and a
+    file that was a complete but shorter stack when the acquisition paused past --settle, then grew,
+    is enhanced again over the output this run made of it."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    data = structured((8, 24, 24), seed=3)
+    for name in ("a", "b"):
+        write_volume(incoming / f"{name}.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sv_deploy", "infer", str(model_file), "--watch", str(incoming), "-o", str(out),
+         "--settle", "0.5", "--exit-when-idle", "4", "--bp-iters", "1", "-q"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.0)
+        write_volume(incoming / "c.tif", [data[:4]], (4, 24, 24), np.uint8, "ZYX", (1.0, 0.5, 0.5))
+        time.sleep(3.0)  # past --settle: the 4-plane stack is enhanced
+        write_volume(incoming / "c.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "c.tif changed after it was enhanced; enhancing it again" in err
+    assert "enhanced 3 file(s), 0 failed" in err
+    for name in ("a", "b", "c"):
         assert read_volume(out / f"{name}_x2.ome.tif").data.shape == (16, 48, 48)
 
 

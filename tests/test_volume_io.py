@@ -85,6 +85,27 @@ def test_a_tiled_output_that_fails_or_does_not_fit_the_disk_leaves_no_file(tmp_p
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["imagej", "ome", "plain", "zlib"])
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_a_file_cut_short_is_refused_or_read_whole(tmp_path, kind, keep):
+    """A stack still being written or cut off in a copy: tifffile reads what it can of it (often only
+    the first plane, as a 2D image) and says so only in its log. Either the reader refuses it, or the
+    data it returns is the whole stack (the cut fell after the pixels)."""
+    data = np.random.default_rng(1).integers(0, 4000, (6, 20, 20)).astype(np.uint16)
+    options = {"imagej": dict(imagej=True, metadata={"axes": "ZYX"}), "ome": dict(ome=True, metadata={"axes": "ZYX"}),
+               "plain": {}, "zlib": dict(compression="zlib")}[kind]
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, data, **options)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * keep)])
+    try:
+        got = read_volume(cut)
+    except UserError as exc:
+        assert "incomplete or damaged" in str(exc) and "\n" not in str(exc)
+    else:
+        assert keep > 0.5 and np.array_equal(got.data, data)
+
+
 def test_scaled_voxel_size_divides_each_axis():
     assert scaled_voxel_size((1.0, None, 0.4), (2, 2, 4)) == (0.5, None, 0.1)
 
