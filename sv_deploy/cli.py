@@ -27,6 +27,9 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+_STOPPED_BY = [2, "interrupted"]  # SIGINT's number; `_stop_cleanly_on_termination` records others
+
+
 def friendly(func):
     """One clear line and a non-zero exit for bad input, Ctrl-C and out-of-memory; no tracebacks."""
 
@@ -40,10 +43,10 @@ def friendly(func):
             # Every partial output is gone by now (removed while unwinding). Leave without interpreter
             # shutdown: a native thread pool (torch, ONNX Runtime) tearing down after a SIGINT could
             # kill the process by the signal (exit -2) instead of the promised 130.
-            click.echo("error: interrupted; the output in progress was not written", err=True)
+            click.echo(f"error: {_STOPPED_BY[1]}; the output in progress was not written", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(128 + _STOPPED_BY[0])  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
         except MemoryError:
             _fail("out of memory; use a smaller --tile (or --batch when training)", 3)
         except OSError as exc:  # a full disk or a share gone away mid-write (partial outputs are removed)
@@ -99,7 +102,29 @@ def _read(path, axes, channel, time_index, series, voxel_size):
     return read_input(path, ReadOptions(axes, channel, time_index, voxel_size, series))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Option and argument errors as one `error:` line, like every other bad input, instead of
+    click's usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sv-deploy`: the overview, as click does
+                click.echo(exc.ctx.get_help())
+                sys.exit(exc.exit_code)
+            where = exc.ctx.command_path if exc.ctx is not None else "sv-deploy"
+            _fail(f"{exc.format_message().rstrip('.')} (see '{where} --help')", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sv-deploy")
 def main():
     """Self-Vision resolution enhancement for fluorescence microscopy volumes.
@@ -122,9 +147,13 @@ def _stop_cleanly_on_termination() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
+    def stop(signum, frame):
+        _STOPPED_BY[:] = [signum, f"stopped by {signal.Signals(signum).name}"]
+        raise KeyboardInterrupt
+
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.default_int_handler)
+            signal.signal(getattr(signal, name), stop)
 
 
 def _one_blas_thread() -> None:

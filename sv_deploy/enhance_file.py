@@ -20,7 +20,7 @@ from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
 from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget, returns_freed_memory
-from .normalize import check_output_dtype, denormalize, normalize, percentiles, valid_range
+from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, volume_output
 
@@ -150,13 +150,14 @@ def enhance_file(
         f"tile {'x'.join(map(str, tile))}, network passes of up to {options.block:,} voxels"
     )
     value_range = valid_range(vol.dtype, low, high, vol.data.min())
+    floor = output_bounds(vol.dtype, vol.data.min())[0]
     voxel = scaled_voxel_size(vol.voxel_size, factors)
     while True:
         compute = [0.0]
 
         def produce():
             gen = iter_tiles(runner, config.stages, config.arch, x, replace(options, tile=tile), progress, value_range,
-                             finish=lambda block: denormalize(block, low, high, dtype))
+                             finish=lambda block: denormalize(block, low, high, dtype, floor))
             while True:
                 t0 = time.perf_counter()
                 item = next(gen, None)

@@ -33,10 +33,15 @@ def normalize(volume: np.ndarray, low: float, high: float) -> np.ndarray:
     return ((volume.astype(np.float32) - np.float32(low)) * np.float32(scale)).astype(np.float32)
 
 
-def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.ndarray:
-    """Back to the input's units; integer dtypes are rounded and clamped to their range."""
+def denormalize(volume: np.ndarray, low: float, high: float, dtype: np.dtype, floor: float = -math.inf) -> np.ndarray:
+    """Back to the input's units; integer dtypes are rounded and clamped to their range.
+
+    `floor` (`output_bounds`' low) is applied again here for float outputs: a value clamped to it in
+    normalized units comes back a rounding error away (-5e-7 below zero, seen)."""
     y = np.multiply(volume, np.float32(high - low), dtype=np.float32)
     y += np.float32(low)
+    if np.dtype(dtype).kind == "f" and floor > -math.inf:
+        np.maximum(y, np.float32(floor), out=y)
     return cast(y, dtype, inplace=True)
 
 

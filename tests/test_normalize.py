@@ -44,6 +44,17 @@ def test_normalize_round_trip_and_valid_range():
     assert lo == -0.5 and hi == (65535 - 10) / 20
 
 
+def test_a_float_output_clamped_at_zero_stays_at_or_above_it():
+    """Clamped to zero in normalized units, a value came back up to a rounding error below it."""
+    below = 0
+    for low in np.linspace(0.5, 40, 50):
+        x = np.full(4, valid_range(np.float32, float(low), 300.0, 0.0)[0], np.float32)
+        below += int((denormalize(x, float(low), 300.0, np.float32) < 0).any())
+        y = denormalize(x, float(low), 300.0, np.float32, floor=output_bounds(np.float32, 0.0)[0])
+        assert y.min() >= 0 and y.max() < 1e-4
+    assert below > 0  # the case the floor is for does occur
+
+
 def test_output_bounds_do_not_depend_on_the_storage_type():
     # the same non-negative data stored three ways: never below zero, the type's top as the ceiling
     assert output_bounds(np.uint16, 5.0) == (0.0, 65535.0)
