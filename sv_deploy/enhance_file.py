@@ -19,11 +19,14 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
-from .memory import MIN_BLOCK_VOXELS, choose_block, choose_tile, default_budget, returns_freed_memory
+from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, least_budget,
+                     returns_freed_memory)
 from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
+from .tiling import read_overhead, total_halo
 from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, volume_output
 
+TILE_OVERHEAD_WARNING = 4  # a given tile whose halos make each voxel read more often than this is worth a warning
 # Largest core the automatic choice considers; the memory plan (`memory.choose_tile`) bounds it
 # below. Was 64x256x256: x2 of a 100x1024x1024 input under 11 GiB then ran its network on 2.1x
 # the voxels it kept (each tile's back-projection halo, and each pass's own); now 1.5x (BENCH.md,
@@ -139,11 +142,24 @@ def enhance_file(
     shape = tuple(n * f for n, f in zip(x.shape, factors))
     # a GPU's network passes keep their activations on the device, not in the host budget
     device_free = getattr(runner, "free_device_memory", lambda: None)()
-    if not options.block:
+    block_from_budget = not options.block
+    if block_from_budget:
         options = replace(options, block=choose_block(budget, config.stages, arch, ensemble, device_free))
     if tile is None:
-        tile = choose_tile(budget, x.shape, config.stages, arch, options.bp_iters, ensemble,
-                           dtype.itemsize, AUTO_TILE_LIMIT, options.block, on_device=device_free is not None)
+        try:
+            tile = choose_tile(budget, x.shape, config.stages, arch, options.bp_iters, ensemble,
+                               dtype.itemsize, AUTO_TILE_LIMIT, options.block, on_device=device_free is not None)
+        except TileDoesNotFit:
+            if not block_from_budget:
+                raise
+            need = least_budget(x.shape, config.stages, arch, options.bp_iters, ensemble, dtype.itemsize, device_free)
+            raise TileDoesNotFit(budget, need, options.ensemble, options.bp_iters) from None
+    else:
+        overhead = read_overhead(x.shape, tile, total_halo(config.stages, arch, options.bp_iters))
+        if overhead > TILE_OVERHEAD_WARNING:
+            log(f"warning: tile {'x'.join(map(str, tile))} is small beside the network's halo: each voxel is read "
+                f"about {overhead:.0f} times, which makes the run that much slower; leave --tile out to size it "
+                "from the free memory")
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
         f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "

@@ -111,11 +111,39 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
     if best is None:
         smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
         need = plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block, on_device)
-        raise UserError(
-            f"enhancing this volume needs at least {need / 2**20:.0f} MiB of working memory, more than the "
-            f"{budget / 2**20:.1f} MiB allowed; raise --max-memory, or use --no-ensemble / fewer --bp-iters"
-        )
+        raise TileDoesNotFit(budget, need, ensemble, bp_iters)
     return best
+
+
+class TileDoesNotFit(UserError):
+    def __init__(self, budget: int, need: int, ensemble: bool, bp_iters: int):
+        lighter = " or use " + " / ".join(o for o, on in (("--no-ensemble", ensemble), ("fewer --bp-iters", bp_iters))
+                                        if on) if ensemble or bp_iters else ""
+        super().__init__(f"enhancing this volume needs at least {ceil(need / 2**20)} MiB of working memory, more "
+                         f"than the {budget / 2**20:.1f} MiB allowed; raise --max-memory{lighter}")
+        self.budget, self.need = budget, need
+
+
+def least_budget(volume: Shape3, stages: Sequence[Factors], arch: ArchConfig, bp_iters: int, ensemble: bool,
+                 out_itemsize: int, device_free: Optional[int] = None) -> int:
+    """The smallest budget under which `choose_block` and `choose_tile` find a tile, to 1 MiB.
+
+    Network passes shrink with the budget (`choose_block`), so one plan's figure is not the need: a
+    user who gave what a failed run's message said would fail again on a higher one."""
+    smallest = tuple(min(m, n) for m, n in zip(MIN_CORE, volume))
+
+    def fits(budget: int) -> bool:
+        block = choose_block(budget, stages, arch, ensemble, device_free)
+        return plan_bytes(volume, smallest, stages, arch, bp_iters, ensemble, out_itemsize, block,
+                          device_free is not None) <= budget
+
+    low, high = 0, 2**20
+    while not fits(high):  # the plan grows slower than the budget: this ends
+        low, high = high, 2 * high
+    while high - low > 2**20:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 HOST_BLOCK_VOXELS = 1_000_000  # ONNX Runtime CPU: as fast as 2 M voxels a pass, half its arena (BENCH.md, session 14)

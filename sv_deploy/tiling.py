@@ -83,6 +83,12 @@ def _computed(length: int, core: int, halo: int) -> int:
     return sum(min(length, e + halo) - max(0, s - halo) for s, e in _axis_spans(length, core))
 
 
+def read_overhead(shape: Shape3, core: Shape3, halo: Shape3) -> float:
+    """Voxels the tiles read (cores and halos) per voxel of the volume: 1 for one tile."""
+    computed = np.prod([_computed(n, c, h) for n, c, h in zip(shape, core, halo)], dtype=np.float64)
+    return float(computed / np.prod(shape, dtype=np.float64))
+
+
 def candidate_lengths(limit: int, low: int = 1) -> List[int]:
     """Core lengths worth trying: the limit, then about 15% smaller each step, down to `low`."""
     values, v = [], limit

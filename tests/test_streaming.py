@@ -14,7 +14,8 @@ import torch
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
 from sv_deploy.errors import UserError
-from sv_deploy.memory import MIN_BLOCK_VOXELS, choose_tile, parse_size, plan_bytes
+from sv_deploy.memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, least_budget, parse_size,
+                              plan_bytes)
 from sv_deploy.pipeline import Aborted, ReadAhead, write_behind
 from sv_deploy.volume_io import read_volume, write_volume
 from sv_deploy.progress import LogProgress
@@ -233,6 +234,23 @@ def test_chosen_tile_fits_the_budget_and_grows_with_it(stages):
     assert all(s <= big for s, big in zip(small, large))
     with pytest.raises(UserError, match="--max-memory"):
         choose_tile(2**20, volume, stages, arch, 10, True, 2, (32, 96, 96))
+
+
+@pytest.mark.parametrize("stages", [((2, 2, 2),), ((2, 2, 2), (2, 2, 2))])
+def test_the_memory_a_refusal_names_is_enough(stages):
+    """Passes shrink with the budget, so the need is searched for: given the figure, a tile fits;
+    2 MiB less, none does."""
+    arch, volume = ArchConfig(), (16, 64, 64)
+    need = least_budget(volume, stages, arch, 10, True, 1)
+
+    def tile_for(budget):
+        return choose_tile(budget, volume, stages, arch, 10, True, 1, (16, 64, 64),
+                           choose_block(budget, stages, arch, True))
+
+    assert tile_for(need)
+    with pytest.raises(TileDoesNotFit):
+        tile_for(need - 2 * 2**20)
+    assert "--no-ensemble" not in str(TileDoesNotFit(2**20, need, False, 0))
 
 
 @pytest.mark.parametrize("stages, most", [(((2, 2, 2),), 1.4), (((2, 2, 2), (2, 2, 2)), 2.0)])

@@ -5,7 +5,7 @@ from sv_deploy.backends import TorchBackend
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance import InferenceOptions, back_project, enhance_block, enhance_volume
 from sv_deploy.resize import bp_reach, downsample, upsample
-from sv_deploy.tiling import block_core, plan_tiles, total_halo
+from sv_deploy.tiling import block_core, plan_tiles, read_overhead, total_halo
 
 
 @pytest.mark.parametrize("shape,core,factors", [((10, 33, 40), (4, 16, 9), (2, 2, 2)), ((1, 20, 21), (1, 8, 8), (1, 3, 2))])
@@ -104,3 +104,11 @@ def test_network_on_sub_blocks_equals_one_pass(trained_small, chained):
     one = enhance_block(backend, factors, arch, block, InferenceOptions(bp_iters=2))
     split = enhance_block(backend, factors, arch, block, InferenceOptions(bp_iters=2, block=max_read))
     assert np.abs(split - one).max() <= 1e-5 * np.ptp(one)
+
+
+@pytest.mark.parametrize("shape, core, halo", [((16, 64, 64), (16, 64, 64), (6, 6, 6)), ((16, 64, 64), (4, 8, 8), (6, 6, 6)),
+                                               ((7, 33, 20), (3, 10, 9), (2, 5, 0))])
+def test_read_overhead_counts_what_the_tiles_read(shape, core, halo):
+    tiles = plan_tiles(shape, core, halo, (1, 1, 1))
+    read = sum(np.prod([r1 - r0 for r0, r1 in t.read]) for t in tiles)
+    assert read_overhead(shape, core, halo) == pytest.approx(read / np.prod(shape))
