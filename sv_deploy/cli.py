@@ -80,7 +80,8 @@ def _tiff_output(path: str, overwrite: bool) -> Path:
 
 
 input_options = [
-    click.option("--axes", help="Axes of the input when the file does not say, e.g. ZYX, CZYX, TZCYX."),
+    click.option("--axes", help="Axes of the input when the file does not say (or says wrongly: a warning tells "
+                 "when this differs from the file's own), e.g. ZYX, CZYX, TZCYX."),
     click.option("--channel", type=int, help="Channel to use when the input has several."),
     click.option("--time", "time_index", type=int, help="Time point to use when the input has several."),
     click.option("--series", type=click.IntRange(0), help="Image series (e.g. stage position) to use when the file holds several."),
@@ -98,8 +99,12 @@ def with_input_options(func):
 
 def _read(path, axes, channel, time_index, series, voxel_size):
     from .enhance_file import ReadOptions, read_input
+    from .volume_io import axes_warning
 
-    return read_input(path, ReadOptions(axes, channel, time_index, voxel_size, series))
+    vol = read_input(path, ReadOptions(axes, channel, time_index, voxel_size, series))
+    if axes_warning(vol, path):
+        click.echo(axes_warning(vol, path), err=True)
+    return vol
 
 
 class _OneLineErrors(click.Group):
@@ -551,12 +556,18 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
       sv-deploy evaluate beads_x4.ome.tif beads_hr.tif --lowres beads_lr.tif
     """
     from .evaluate import evaluate as run_evaluate, format_table, infer_factors
-    from .volume_io import check_not_constant, read_volume
+    from .volume_io import axes_warning, check_not_constant, read_volume
 
-    ref_vol = read_volume(reference, axes=axes, channel=channel, time=time_index, series=series)
+    def read_given(path):
+        vol = read_volume(path, axes=axes, channel=channel, time=time_index, series=series)
+        if axes_warning(vol, path):
+            click.echo(axes_warning(vol, path), err=True)
+        return vol
+
+    ref_vol = read_given(reference)
     check_not_constant(ref_vol, str(reference))  # no data range to score against
     out = read_volume(output_path).data
-    lr = read_volume(lowres, axes=axes, channel=channel, time=time_index, series=series).data if lowres else None
+    lr = read_given(lowres).data if lowres else None
     rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
         report = {

@@ -24,7 +24,7 @@ from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile
 from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
 from .tiling import read_overhead, total_halo
-from .volume_io import Volume, check_not_constant, read_volume, scaled_voxel_size, volume_output
+from .volume_io import Volume, axes_warning, check_not_constant, read_volume, scaled_voxel_size, volume_output
 
 TILE_OVERHEAD_WARNING = 4  # a given tile whose halos make each voxel read more often than this is worth a warning
 # Largest core the automatic choice considers; the memory plan (`memory.choose_tile`) bounds it
@@ -60,7 +60,7 @@ def read_input(path, read: ReadOptions) -> Volume:
     vol = read_volume(path, axes=read.axes, channel=read.channel, time=read.time, series=read.series)
     check_not_constant(vol, str(path))
     if read.voxel_size is not None:
-        vol = Volume(vol.data, vol.axes, read.voxel_size, vol.source_axes)
+        vol = replace(vol, voxel_size=read.voxel_size)
     return vol
 
 
@@ -115,6 +115,8 @@ def enhance_file(
     budget = max_memory or default_budget(0 if volume is None else volume.data.nbytes)
     arch, ensemble = memory_view(runner, config, options)
     vol = volume if volume is not None else read_input(input_path, read)
+    if axes_warning(vol, input_path):
+        log(axes_warning(vol, input_path))
     factors = config.total_factors()
     if vol.axes == "YX" and factors[0] != 1:
         raise UserError(

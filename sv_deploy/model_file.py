@@ -61,7 +61,9 @@ def read_header(path: os.PathLike | str) -> Dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF and BigTIFF
             raise UserError(f"{path} is an image, not a model file; the model comes first: "
                             "sv-deploy infer MODEL INPUT -o OUTPUT") from None
         raise UserError(f"{path} is not an sv-deploy model file, or it is truncated or damaged ({exc}); "

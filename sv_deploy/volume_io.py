@@ -59,6 +59,7 @@ class Volume:
     axes: str  # 'ZYX' or 'YX': what the volume is, as written back
     voxel_size: VoxelSize  # micrometres, None where unknown
     source_axes: str = ""
+    overridden_axes: str = ""  # the file's own axes, where --axes read it otherwise
 
     @property
     def dtype(self) -> np.dtype:
@@ -130,8 +131,10 @@ def _read_voxel_size(tif: tifffile.TiffFile, index: int, page) -> VoxelSize:
     return UNKNOWN
 
 
-def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[int]) -> Tuple[np.ndarray, str]:
-    """Reduce any supported axes string to ZYX or YX by picking one channel / time point."""
+def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[int],
+            given: str = "") -> Tuple[np.ndarray, str]:
+    """Reduce any supported axes string to ZYX or YX by picking one channel / time point (`given`:
+    the --axes they came from, if any)."""
     for name, index, option in (("C", channel, "--channel"), ("T", time, "--time")):
         if name not in axes:
             if index not in (None, 0):
@@ -148,6 +151,9 @@ def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[
             raise UserError(f"{option} {index} is out of range: axis {name} has {size} entries (0..{size - 1})")
         data = np.take(data, index, axis=pos)
         axes = axes.replace(name, "")
+    if axes not in ("ZYX", "YX") and given:
+        raise UserError(f"--axes {given} leaves {axes} once a channel and a time point are picked; it must leave "
+                        "ZYX (a z-stack) or YX (an image), e.g. --axes ZYX, CZYX or TZCYX")
     if axes not in ("ZYX", "YX"):
         raise UserError(
             f"cannot interpret axes '{axes}' (shape {data.shape}); give the file's axes with --axes, "
@@ -246,17 +252,11 @@ def read_volume(
         raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
     finally:
         _reading.complaints = None
-    if axes is not None:
-        axes = axes.upper()
-        if len(axes) != data.ndim or len(set(axes)) != len(axes) or set(axes) - set("TZCYX"):
-            raise UserError(
-                f"--axes {axes} does not fit the image: it has {data.ndim} axes (shape {data.shape}); "
-                "use letters from TZCYX, one per axis"
-            )
-    else:
-        axes = _guess_axes(tif_axes, data.ndim)
+    declared = "" if any(a in "QIS" for a in tif_axes.upper()) else tif_axes.upper()  # what the file itself says
+    given = _check_axes_option(axes.upper(), data.shape) if axes is not None else ""
+    axes = given or _guess_axes(tif_axes, data.ndim)
     source_axes = axes
-    data, axes = _select(data, axes, channel, time)
+    data, axes = _select(data, axes, channel, time, given)
     if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
         raise UserError(f"{path}: pixel type {data.dtype} is not supported; use integer or float images")
     if data.dtype == np.float16:
@@ -270,7 +270,29 @@ def read_volume(
             raise UserError(
                 f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) and try again"
             )
-    return Volume(np.ascontiguousarray(data), axes, voxel, source_axes)
+    return Volume(np.ascontiguousarray(data), axes, voxel, source_axes,
+                  declared if given and declared and declared != given else "")
+
+
+def _check_axes_option(axes: str, shape: Tuple[int, ...]) -> str:
+    unknown = sorted(set(axes) - set("TZCYX"))
+    twice = sorted({a for a in axes if axes.count(a) > 1})
+    if unknown or twice:
+        what = (f"{', '.join(unknown)} {'is not an axis letter' if len(unknown) == 1 else 'are not axis letters'}"
+                if unknown else f"it names {', '.join(twice)} twice")
+        raise UserError(f"--axes {axes}: {what}; use each of T, Z, C, Y, X at most once, e.g. ZYX, CZYX or TZCYX")
+    if len(axes) != len(shape):
+        raise UserError(f"--axes {axes} does not fit the image: it has {len(shape)} axes (shape {shape}), not "
+                        f"{len(axes)}; give one letter per axis")
+    return axes
+
+
+def axes_warning(vol: Volume, path) -> Optional[str]:
+    """What to tell a user whose --axes reads a file otherwise than its own metadata does."""
+    if not vol.overridden_axes:
+        return None
+    return (f"warning: {path} says its axes are {vol.overridden_axes}; read as {vol.source_axes} as --axes asks "
+            "(drop --axes to follow the file)")
 
 
 def check_not_constant(volume: Volume, name: str) -> None:

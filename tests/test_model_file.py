@@ -29,6 +29,14 @@ def test_files_that_are_not_ours_are_refused(tmp_path):
     junk.write_bytes(b"\x80\x04not a model")
     with pytest.raises(UserError, match="not an sv-deploy model"):
         read_header(junk)
+    text = tmp_path / "notes.tif"  # named like an image, but it is not one
+    text.write_text("hello")
+    with pytest.raises(UserError, match="not an sv-deploy model file"):
+        read_header(text)
+    image = tmp_path / "stack.svmodel"  # an image under a model's name
+    image.write_bytes(b"II*\x00" + bytes(100))
+    with pytest.raises(UserError, match="is an image, not a model file"):
+        read_header(image)
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
     with pytest.raises(UserError, match="not an sv-deploy model"):

@@ -3,7 +3,7 @@ import pytest
 import tifffile
 
 from sv_deploy.errors import UserError
-from sv_deploy.volume_io import read_volume, scaled_voxel_size, volume_output, write_volume
+from sv_deploy.volume_io import axes_warning, read_volume, scaled_voxel_size, volume_output, write_volume
 from conftest import data_file
 
 
@@ -124,6 +124,24 @@ def test_axes_option_must_fit(tmp_path):
     tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16), photometric="minisblack")
     with pytest.raises(UserError, match="does not fit"):
         read_volume(path, axes="CZYX")
+    for axes, words in (("ZQX", "Q is not an axis letter"), ("ZZX", "names Z twice"),
+                        ("YXZ", "leaves YXZ once a channel and a time point are picked")):
+        with pytest.raises(UserError, match=words):
+            read_volume(path, axes=axes)
+
+
+def test_axes_that_read_a_file_otherwise_than_it_says_are_followed_with_a_warning(tmp_path):
+    data = np.random.default_rng(0).integers(0, 999, (6, 2, 16, 16)).astype(np.uint16)
+    path = tmp_path / "zcyx.tif"
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "ZCYX"})
+    own = read_volume(path, channel=1)
+    assert np.array_equal(own.data, data[:, 1]) and axes_warning(own, path) is None
+    assert axes_warning(read_volume(path, axes="ZCYX", channel=1), path) is None
+    swapped = read_volume(path, axes="CZYX", channel=1)
+    assert np.array_equal(swapped.data, data[1]) and "says its axes are ZCYX" in axes_warning(swapped, path)
+    plain = tmp_path / "plain.tif"  # a file that does not say: no warning
+    tifffile.imwrite(plain, data[:, 0])
+    assert axes_warning(read_volume(plain, axes="ZYX"), plain) is None
 
 
 def test_not_a_tiff_and_nan_are_refused(tmp_path):
