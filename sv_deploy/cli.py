@@ -222,7 +222,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     from .model_file import SUFFIX, save_model
     from .normalize import normalize, percentiles, valid_range
     from .backends import pick_device
-    from .train import default_members, fit_patch, min_patch, train_stages
+    from .train import default_members, min_patch, split_for_training, train_stages
     from .volume_io import check_output_path, sha256_file
 
     if not output.lower().endswith(SUFFIX):
@@ -247,12 +247,15 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     arch = ArchConfig(mid_layers=mid_layers, groups=groups, members=members or default_members(vol.data.size))
     norm = NormConfig()
     dev = pick_device(device)
-    fit_patch(vol.data.shape, cfg.patch, stages[0])  # refuse a too-small volume before any work
+    used = split_for_training(vol.data.shape, cfg.patch, stages[0])[2]  # refuses a too-small volume before any work
+    if patch is not None and used != cfg.patch:
+        click.echo(f"note: --patch {_csv(cfg.patch)} is larger than the volume less the strip held out to check the "
+                   f"network; stage 1 trains on {_csv(used)} patches", err=True)
     click.echo(
         f"training on {input_path}: {'x'.join(map(str, vol.data.shape))} (z,y,x) {vol.dtype}, scale "
         f"{'x'.join(map(str, factors))} in {len(stages)} stage(s); {recipe} recipe: {cfg.steps} steps per stage"
         f"{f' and network ({arch.members} averaged)' if arch.members > 1 else ''}, batch {cfg.batch}, patch "
-        f"{_csv(fit_patch(vol.data.shape, cfg.patch, stages[0]))}, lr {cfg.lr:g}; device {dev}",
+        f"{_csv(used)}, lr {cfg.lr:g}; device {dev}",
         err=True,
     )
     start = time.perf_counter()

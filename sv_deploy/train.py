@@ -63,6 +63,15 @@ def holdout_split(shape: Shape3, patch: Shape3, factors: Factors):
     return tuple(train), tuple(val)
 
 
+def split_for_training(shape: Shape3, patch: Shape3, factors: Factors):
+    """(training region, held-out region, the patch training samples): the patch asked for, cut to
+    fit the volume and then the part of it that trains (what `train` reports)."""
+    patch = fit_patch(shape, patch, factors)
+    train_region, val_region = holdout_split(shape, patch, factors)
+    train_shape = tuple(len(range(*s.indices(n))) for s, n in zip(train_region, shape))
+    return train_region, val_region, fit_patch(train_shape, patch, factors)
+
+
 def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random.Generator) -> np.ndarray:
     """Random crops with independent flips on each axis and quarter turns in y-x (square patches only)."""
     out = np.empty((count, *patch), dtype=np.float32)
@@ -130,10 +139,8 @@ def train_stage(
     """Train one stage on a normalized float32 volume: `arch.members` networks, each from its own
     seed and patches, each keeping its weights best on the same held-out patches; then merged."""
     start = time.perf_counter()
-    patch = fit_patch(volume.shape, cfg.patch, factors)
-    train_region, val_region = holdout_split(volume.shape, patch, factors)
+    train_region, val_region, patch = split_for_training(volume.shape, cfg.patch, factors)
     train_vol, val_vol = volume[train_region], volume[val_region]
-    patch = fit_patch(train_vol.shape, patch, factors)
     val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
     val = tuple(t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))

@@ -56,6 +56,17 @@ def test_infer_keeps_dtype_and_divides_the_voxel_size(model_file, lr_file, tmp_p
     assert floats.min() >= 0  # never below zero when the input is not (not even by a rounding error)
 
 
+def test_train_reports_the_patch_it_trains_on(lr_file, tmp_path):
+    from sv_deploy.train import split_for_training
+
+    result = run("train", lr_file, "-o", tmp_path / "m.svmodel", "--steps", "1", "--batch", "1", "--members", "1",
+                 "--patch", "64,256,256", "-q")
+    assert result.exit_code == 0, result.output
+    used = ",".join(map(str, split_for_training(read_volume(lr_file).data.shape, (64, 256, 256), (2, 2, 2))[2]))
+    assert f"note: --patch 64,256,256 is larger than the volume" in result.stderr and f"trains on {used} patches" in result.stderr
+    assert f"patch {used}, lr" in result.stderr
+
+
 def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     model = tmp_path / "m.svmodel"
     result = run("train", lr_file, "-o", model, "--steps", "3", "--batch", "2", "--patch", "8,32,32", "-q")
