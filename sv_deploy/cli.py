@@ -285,7 +285,8 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
                "covers the training record too, so it differs between runs)", err=True)
     from .enhance_file import output_name
 
-    click.echo(f"next: sv-deploy infer {out} {input_path} -o {output_name(input_path, factors)}", err=True)
+    beside = Path(input_path).parent / output_name(input_path, factors)  # where infer would put it: by the input
+    click.echo(f"next: sv-deploy infer {out} {input_path} -o {beside}", err=True)
     _prepare_cpu_inference(config, trained, digest)
 
 

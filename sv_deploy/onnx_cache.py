@@ -14,7 +14,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional
 
 import onnx
 import torch
@@ -22,6 +22,7 @@ import torch
 from . import __version__, onnx_graph
 
 ENV = "SV_DEPLOY_CACHE"
+KEEP_ENTRIES = 32  # exports kept, the most recently used; each is a few MB and quick to remake
 
 
 def cache_dir() -> Path:
@@ -77,6 +78,7 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     if path.is_file():
         model = _matches(path, sha256, folded)
         if model is not None:
+            _touch(path)
             return model
         log(f"cached export {path} does not match the model; exporting again")
     log("exporting the model to ONNX once for ONNX Runtime (the faster CPU path)")
@@ -85,6 +87,26 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
         path.parent.mkdir(parents=True, exist_ok=True)
         save_onnx(model, path)
         log(f"cached the export at {path} (set {ENV} to move it)")
+        for old in least_recently_used(path.parent.glob("*.onnx"), KEEP_ENTRIES):
+            old.unlink(missing_ok=True)
     except OSError as exc:
         log(f"could not cache the export ({exc.strerror or exc}); it stays in memory for this run")
     return model
+
+
+def least_recently_used(entries: Iterable[Path], keep: int) -> List[Path]:
+    """The entries beyond the `keep` most recently used (by modification time: a hit touches it)."""
+    stamped = []
+    for entry in entries:
+        try:
+            stamped.append((entry.stat().st_mtime, entry))
+        except OSError:  # removed meanwhile by another run
+            continue
+    return [entry for _, entry in sorted(stamped, reverse=True)[keep:]]
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves
+        pass

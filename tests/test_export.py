@@ -220,6 +220,22 @@ def test_the_export_cache_is_keyed_by_the_code_that_writes_the_graph(tmp_path):
     assert onnx_cache.export_code_digest()[:12] in onnx_cache.cache_path("0" * 64, tmp_path).name
 
 
+def test_the_export_cache_keeps_the_most_recently_used_entries(tmp_path):
+    import os
+
+    from sv_deploy import onnx_cache
+
+    entries = []
+    for age in range(5):
+        entry = tmp_path / f"e{age}.onnx"
+        entry.write_bytes(b"x")
+        os.utime(entry, (1e9 - age * 60, 1e9 - age * 60))
+        entries.append(entry)
+    os.utime(entries[4], (2e9, 2e9))  # the oldest, used just now
+    assert onnx_cache.least_recently_used(tmp_path.glob("*.onnx"), 2) == entries[1:4]
+    assert onnx_cache.least_recently_used(entries, 5) == []
+
+
 def test_prelu_as_max_and_min_is_exact_for_any_slope():
     """ONNX Runtime's CPU path runs PRelu as Mul + Max (+ Min for slopes above 1): every slope
     sign and size must give the network's own output."""
