@@ -39,9 +39,16 @@ def write_beads(
     lr_path = check_output_path(outdir / "beads_lr.tif", overwrite)
     hr = beads(shape, count, sigma, window, seed)
     lr = bead_pair(hr, factors)
-    for path, vol, size in ((hr_path, hr, voxel_size), (lr_path, lr, tuple(v * f for v, f in zip(voxel_size, factors)))):
-        data = cast(vol * UINT16_PEAK, np.uint16)
-        write_volume(path, [data], data.shape, np.uint16, "ZYX", size)
+    written = []
+    try:
+        for path, vol, size in ((hr_path, hr, voxel_size), (lr_path, lr, tuple(v * f for v, f in zip(voxel_size, factors)))):
+            data = cast(vol * UINT16_PEAK, np.uint16)
+            write_volume(path, [data], data.shape, np.uint16, "ZYX", size)
+            written.append(path)
+    except BaseException:  # the pair or nothing: a lone HR volume would look like a finished run
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return hr_path, lr_path
 
 

@@ -334,8 +334,10 @@ def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a share gone away: the error that got us here is the one to report
+            pass
 
 
 def _read_umask() -> int:

@@ -50,3 +50,21 @@ def test_simulate_writes_the_low_resolution_file_with_coarser_voxels(tmp_path):
     even = CliRunner().invoke(main, ["simulate", "beads", str(tmp_path / "even"), "--window", "12"])
     assert even.exit_code != 0 and "--window 12 must be odd" in even.stderr and "Traceback" not in even.output
     assert not (tmp_path / "even").exists()
+
+
+def test_simulate_writes_both_volumes_or_neither(tmp_path, monkeypatch):
+    from sv_deploy import demo
+
+    calls = []
+
+    def second_fails(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, *args)
+
+    real = demo.write_volume
+    monkeypatch.setattr(demo, "write_volume", second_fails)
+    with pytest.raises(OSError):
+        demo.write_beads(tmp_path, (8, 32, 32), 10, (1.0, 1.0, 1.0), 7, "2", (0.4, 0.1, 0.1), 0, False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
