@@ -4,7 +4,7 @@ A file counts as complete when its size and modification time have not changed f
 seconds: microscope software writes a stack over seconds to minutes, and reading it early would
 give a truncated volume. A writer can still pause for longer than that, so a file is handed over
 again whenever it changes after it was handed over (a read that failed on a half-written file is
-retried once the file is complete).
+retried once the file is complete, and `infer` replaces an output it made of the shorter stack).
 """
 
 from __future__ import annotations
