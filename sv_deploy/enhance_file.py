@@ -118,7 +118,7 @@ def enhance_file(
     if axes_warning(vol, input_path):
         log(axes_warning(vol, input_path))
     factors = config.total_factors()
-    if vol.axes == "YX" and factors[0] != 1:
+    if vol.data.shape[0] == 1 and factors[0] != 1:  # a 2D image, or a stack of one plane
         raise UserError(
             f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
             "--scale 1,F,F or on 2D data"

@@ -72,8 +72,10 @@ def split_for_training(shape: Shape3, patch: Shape3, factors: Factors):
     return train_region, val_region, fit_patch(train_shape, patch, factors)
 
 
-def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Random crops with independent flips on each axis and quarter turns in y-x (square patches only)."""
+def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random.Generator,
+                   turns: bool = True) -> np.ndarray:
+    """Random crops with independent flips on each axis and quarter turns in y-x (square patches,
+    and only with `turns`: not where y and x are scaled differently, as in the ensemble, `geometry`)."""
     out = np.empty((count, *patch), dtype=np.float32)
     for i in range(count):
         start = [int(rng.integers(0, n - p + 1)) for n, p in zip(volume.shape, patch)]
@@ -81,7 +83,7 @@ def sample_patches(volume: np.ndarray, patch: Shape3, count: int, rng: np.random
         for axis in range(3):
             if rng.random() < 0.5:
                 crop = np.flip(crop, axis)
-        if patch[1] == patch[2]:
+        if turns and patch[1] == patch[2]:
             crop = np.rot90(crop, int(rng.integers(0, 4)), axes=(1, 2))
         out[i] = crop
     return out
@@ -141,9 +143,10 @@ def train_stage(
     start = time.perf_counter()
     train_region, val_region, patch = split_for_training(volume.shape, cfg.patch, factors)
     train_vol, val_vol = volume[train_region], volume[val_region]
+    turns = factors[1] == factors[2]  # a quarter turn would swap differently scaled axes
     val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
-    val = tuple(t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng), factors))
+    val = tuple(t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng, turns), factors))
     single = dataclasses.replace(arch, members=1)
     members, fits = [], []
     for k in range(arch.members):
@@ -195,7 +198,7 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     train_loss = float("nan")
     bar = progress_bar(cfg.steps, label, "step", progress)
     for step in range(1, cfg.steps + 1):
-        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(train_vol, patch, cfg.batch, rng), factors))
+        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(train_vol, patch, cfg.batch, rng, factors[1] == factors[2]), factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -61,7 +61,12 @@ def register_plugin() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from .kernels import pixel_shuffle3d as kernel
+    try:
+        from .kernels import pixel_shuffle3d as kernel
+    except ImportError as exc:
+        raise UserError(f"building an engine with our pixel-shuffle plugin compiles its Triton kernel, and "
+                        f"{exc.name or 'triton'} cannot be imported; pip install 'triton>=3.3' (or use "
+                        "--no-plugin for TensorRT's own ops)") from None
 
     @trtp.register(PLUGIN_ID)
     def pixel_shuffle3d_desc(inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32]) -> trtp.TensorDesc:
@@ -144,7 +149,9 @@ def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_byte
         config.clear_flag(trt.BuilderFlag.TF32)  # an fp32 graph means fp32 (parity with torch within 1e-5)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:  # -1: TensorRT found the profile invalid
+        raise UserError(f"TensorRT refused the optimization profile {profile} for input "
+                        f"{tuple(network.get_input(0).shape)} (see its log above)")
     if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
         log("the saved TensorRT timing cache does not match this GPU; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
@@ -163,7 +170,8 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     if plugin:
         register_plugin()
     config = ModelConfig.from_json(onnx_graph.read_metadata(graph)["config"])
-    profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble)
+    profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble,
+                              planar=config.axes == "YX")
     outdir = onnx_path.parent
     kind = "plugin" if plugin else "builtin"
     manifest_path = outdir / f"{onnx_path.stem}.{kind}.trt.json"
@@ -219,7 +227,10 @@ class TensorRTBackend:
         gpu_name, capability = _gpu()
         check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path))
         if self.manifest.plugin:
-            register_plugin()  # the JIT fallback needs it; AOT engines do not, and it costs nothing
+            try:  # for the JIT fallback (nodes with aot=0); our engines are AOT: their kernel is inside
+                register_plugin()
+            except UserError:  # no Triton here: an AOT engine runs without it (TensorRT's plugin docs)
+                pass
         self.config = ModelConfig.from_json(self.manifest.config)
         self.tile = self.manifest.tile  # tiles beyond the engine's profiles cannot run
         self.dtype = torch.float16 if self.manifest.precision == "fp16" else torch.float32

@@ -76,13 +76,14 @@ def ensemble_batch(factors: Factors, ensemble: bool) -> int:
 
 
 def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp_iters: int,
-                   ensemble: bool = True) -> List[Profile]:
+                   ensemble: bool = True, planar: bool = False) -> List[Profile]:
     """Profiles covering every tile `enhance.iter_tiles` can send to each stage.
 
     The largest tile is the core plus the halo on both sides; a quarter turn swaps y and x, so
     when the ensemble turns tiles both lateral sizes get the larger bound. Later stages see the
     previous stage's output, trimmed to what is left to do. Tiles at volume edges and small volumes
-    are smaller: min is 1.
+    are smaller: min is 1. A 2D model's graph fixes the depth at 1 (`export`), and TensorRT wants
+    min = opt = max wherever the graph fixes a dimension: `planar` keeps it there, halo or not.
     """
     scale = [1, 1, 1]
     profiles = []
@@ -90,6 +91,7 @@ def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp
         # `enhance_block` trims each stage's input to its core plus what the remaining stages need.
         halo = total_halo(stages, arch, bp_iters, start=i)
         d, h, w = (tile[a] * scale[a] + 2 * halo[a] for a in range(3))
+        d = 1 if planar else d
         batch = ensemble_batch(factors, ensemble)
         if ensemble and factors[1] == factors[2]:
             h = w = max(h, w)
@@ -189,9 +191,11 @@ class EngineManifest:
 
 def check_compatible(manifest: EngineManifest, tensorrt_version: str, gpu_name: str,
                      compute_capability: Tuple[int, int], where: str = "the engine") -> None:
-    """Engines only run on the TensorRT version and GPU architecture that built them."""
+    """Engines only run on the TensorRT version and the GPU model that built them (TensorRT ties an
+    engine to its device type unless built hardware-compatible, which these are not): two GPUs of
+    one compute capability (an H100 and an H200) are not enough alike."""
     same_trt = manifest.tensorrt_version == tensorrt_version
-    same_gpu = tuple(manifest.compute_capability) == tuple(compute_capability)
+    same_gpu = tuple(manifest.compute_capability) == tuple(compute_capability) and manifest.gpu_name == gpu_name
     if same_trt and same_gpu:
         return
     built = ".".join(map(str, manifest.compute_capability))

@@ -58,6 +58,15 @@ def test_augmented_patches_are_crops_of_the_volume_up_to_flips_and_turns():
     assert set(np.round(patches.ravel(), 6)) <= values
 
 
+def test_patches_are_not_turned_where_y_and_x_are_scaled_differently():
+    """A volume that varies along x only: turned patches would put that variation on y."""
+    vol = np.broadcast_to(np.arange(40, dtype=np.float32), (6, 40, 40)).copy()
+    turned = sample_patches(vol, (4, 16, 16), 200, np.random.default_rng(2))
+    kept = sample_patches(vol, (4, 16, 16), 200, np.random.default_rng(2), turns=False)
+    along_y = lambda p: np.abs(np.diff(p, axis=3)).sum(axis=(1, 2, 3)) == 0  # noqa: E731 - constant along x
+    assert 0.3 < along_y(turned).mean() < 0.7 and not along_y(kept).any()
+
+
 def test_validation_strip_is_disjoint_from_training_and_skipped_when_too_small():
     train, val = holdout_split((20, 128, 96), (16, 48, 48), (2, 2, 2))
     assert train[1] == slice(0, 102) and val[1] == slice(102, 128)

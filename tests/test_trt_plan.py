@@ -62,6 +62,33 @@ def test_profiles_cover_every_tile_inference_sends(stages, ensemble):
         assert fits(profiles[stage], shape), (stage, shape, profiles[stage])
 
 
+@pytest.mark.parametrize("axes, stages", [("YX", ((1, 2, 2), (1, 2, 2))), ("ZYX", ((2, 2, 2),))])
+def test_profiles_agree_with_the_dimensions_the_exported_graph_fixes(axes, stages):
+    """TensorRT wants min = opt = max wherever the graph fixes a dimension (a 2D model's depth of 1)."""
+    from sv_deploy import onnx_graph
+    from sv_deploy.config import ModelConfig
+    from sv_deploy.export import to_onnx
+
+    arch = ArchConfig(mid_layers=1)
+    config = ModelConfig(stages=stages, arch=arch, axes=axes)
+    graph = to_onnx(config, [SVStage(f, arch) for f in stages], "0" * 64)
+    profiles = stage_profiles(stages, arch, (1, 16, 16) if axes == "YX" else (4, 16, 16), 2, True,
+                              planar=axes == "YX")
+    for i, profile in enumerate(profiles):
+        dims = onnx_graph.extract_stage(graph, i).graph.input[0].type.tensor_type.shape.dim
+        fixed = {a: d.dim_value for a, d in enumerate(dims) if d.HasField("dim_value")}
+        assert (2 in fixed) == (axes == "YX" and i == 0)  # later stages: symbolic, from the previous one
+        if axes == "YX":  # whose graph squeezes a depth of 1 all the same
+            assert profile.min[2] == profile.opt[2] == profile.max[2] == 1
+        for a, value in fixed.items():
+            assert profile.min[a] == profile.opt[a] == profile.max[a] == value, (i, a, profile)
+    if axes == "YX":  # and they still cover what inference sends a 2D image
+        backend = Recording([SVStage(f, arch) for f in stages])
+        image = np.random.default_rng(0).random((1, 21, 19), dtype=np.float32)
+        enhance_volume(backend, stages, arch, image, InferenceOptions(ensemble=True, bp_iters=2, tile=(1, 16, 16)))
+        assert backend.seen and all(fits(profiles[stage], shape) for stage, shape in backend.seen)
+
+
 def test_ensemble_batch_sizes():
     assert ensemble_batch((2, 2, 2), True) == 4
     assert ensemble_batch((1, 2, 3), True) == 4  # the 4 orientation-keeping members in one batch
@@ -156,6 +183,8 @@ def test_engine_for_another_gpu_or_version_is_refused_naming_both():
     with pytest.raises(UserError) as err:
         check_compatible(manifest, "10.13.0", "NVIDIA A100", (8, 0))
     assert "H100" in str(err.value) and "A100" in str(err.value) and "9.0" in str(err.value)
+    with pytest.raises(UserError, match="rebuild it here"):  # another GPU model of the same compute capability
+        check_compatible(manifest, "10.13.0", "NVIDIA H200", (9, 0))
     with pytest.raises(UserError) as err:
         check_compatible(manifest, "11.0.0", "NVIDIA H100", (9, 0))
     assert "10.13.0" in str(err.value) and "11.0.0" in str(err.value)
