@@ -164,3 +164,18 @@ def test_a_stage_is_dead_when_it_adds_nothing_over_interpolation_or_over_back_pr
     assert report(0.3, -0.1).is_dead()
     assert not report(0.3, 0.2).is_dead()
     assert not report(0.3, None).is_dead()  # a file written before the back-projection gain existed
+
+
+def test_only_the_last_stage_of_a_chain_is_checked_against_back_projection(flybrain_pair):
+    """Inference back-projects the chain's output only: an earlier stage must beat interpolation,
+    and a back-projection it never gets is no reason to discard it."""
+    from sv_deploy.train import train_stages
+
+    _, lr = flybrain_pair
+    x = normalize(lr, float(lr.min()), float(lr.max()))
+    cfg = dataclasses.replace(TrainConfig(seed=0), steps=2, batch=2, patch=(8, 32, 32))
+    logs = []
+    _, reports = train_stages(x[:8, :48, :48], ((2, 2, 2), (2, 2, 2)), ArchConfig(mid_layers=0), cfg,
+                              torch.device("cpu"), progress=False, log=logs.append)
+    assert reports[0].bp_gain_db is None and reports[1].bp_gain_db is not None
+    assert any(m.startswith("stage 1/2") and "not back-projected itself" in m for m in logs)
