@@ -116,11 +116,13 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
 
 
 class TileDoesNotFit(UserError):
+    """No tile fits the budget; the message names what would fit and the options that need less."""
+
     def __init__(self, budget: int, need: int, ensemble: bool, bp_iters: int):
-        lighter = " or use " + " / ".join(o for o, on in (("--no-ensemble", ensemble), ("fewer --bp-iters", bp_iters))
-                                        if on) if ensemble or bp_iters else ""
+        lighter = [option for option, on in (("--no-ensemble", ensemble), ("fewer --bp-iters", bp_iters)) if on]
         super().__init__(f"enhancing this volume needs at least {ceil(need / 2**20)} MiB of working memory, more "
-                         f"than the {budget / 2**20:.1f} MiB allowed; raise --max-memory{lighter}")
+                         f"than the {budget / 2**20:.1f} MiB allowed; raise --max-memory"
+                         + (f" or use {' / '.join(lighter)}" if lighter else ""))
         self.budget, self.need = budget, need
 
 

@@ -150,7 +150,8 @@ def train_stage(
     turns = factors[1] == factors[2]  # a quarter turn would swap differently scaled axes
     val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
-    val = tuple(t.to(device) for t in make_pairs(sample_patches(val_vol, val_patch, cfg.val_patches, rng, turns), factors))
+    held_out = sample_patches(val_vol, val_patch, cfg.val_patches, rng, turns)
+    val = tuple(t.to(device) for t in make_pairs(held_out, factors))
     single = dataclasses.replace(arch, members=1)
     members, fits = [], []
     for k in range(arch.members):
@@ -205,7 +206,8 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     train_loss = float("nan")
     bar = progress_bar(cfg.steps, label, "step", progress)
     for step in range(1, cfg.steps + 1):
-        lr_t, hr_t = (t.to(device) for t in make_pairs(sample_patches(train_vol, patch, cfg.batch, rng, factors[1] == factors[2]), factors))
+        patches = sample_patches(train_vol, patch, cfg.batch, rng, turns=factors[1] == factors[2])
+        lr_t, hr_t = (t.to(device) for t in make_pairs(patches, factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +277,8 @@ def train_stages(
         )
     for i, factors in enumerate(stages):
         label = f"stage {i + 1}/{len(stages)} x{'x'.join(map(str, factors))}"
-        stage, report = train_stage(x, factors, arch, cfg, device, progress, label, back_projected=i == len(stages) - 1)
+        last = i == len(stages) - 1
+        stage, report = train_stage(x, factors, arch, cfg, device, progress, label, back_projected=last)
         each = ""
         if report.member_gains_db:
             gains = ", ".join(f"{g:+.2f}" for g in report.member_gains_db)

@@ -205,15 +205,17 @@ def _pick_series(tif: tifffile.TiffFile, series: Optional[int], path: Path):
 def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
     """Refuse a file that ends before its data does, or whose pages fall short of its metadata: a
     stack still being written, or cut off in a copy, would otherwise read as its first planes."""
-    sign = next((f"tifffile: {c.split('> ')[-1]}" for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)), None)
+    signs = [c.split("> ")[-1] for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)]
+    sign = f"tifffile: {signs[0]}" if signs else None
     if sign is None and series is not None:
-        size, pages = path.stat().st_size, [series] if series.dataoffset is not None else series.pages
-        for page in pages:
-            ends = ([series.dataoffset + series.nbytes] if page is series else
-                    [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n] if page is not None else [])
-            if ends and max(ends) > size:
-                sign = f"its data runs to byte {max(ends)} of a {size}-byte file"
-                break
+        if series.dataoffset is not None:  # contiguous data: one block
+            ends = [series.dataoffset + series.nbytes]
+        else:
+            ends = [o + n for page in series.pages if page is not None
+                    for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        size = path.stat().st_size
+        if ends and max(ends) > size:
+            sign = f"its data runs to byte {max(ends)} of a {size}-byte file"
     if sign is not None:
         raise UserError(f"{path} is incomplete or damaged ({sign}); if it is still being "
                         "written, wait until it is complete, else copy or export it again")
