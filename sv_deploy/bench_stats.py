@@ -61,7 +61,13 @@ def markdown(report: dict) -> str:
     ]
     for b in report["backends"]:
         lines.append(f"| {b['name']} | {'yes' if b['available'] else 'no'} | {b.get('reason') or ''} |")
+    paper = report["paper"]
     lines += [
+        "",
+        f"The paper's Table 1 (Self-Vision, one TITAN X): training {paper['train_s']:.0f} s, 2D {paper['2d_s']} s, "
+        f"3D {paper['3d_s']:.0f} s (full recipe)"
+        + ("; not compared here: --quick times smaller volumes, one run each, so its ratios are only a smoke "
+           "check, not a measurement." if report["quick"] else "."),
         "",
         "## Inference",
         "",
@@ -127,6 +133,7 @@ def _fmt(value, suffix="") -> str:
 def table(report: dict) -> List[str]:
     rows = [f"{'task':<8} {'mode':<5} {'backend':<22} {'median s':>9} {'file s':>8} {'paper s':>8} {'speedup':>8}"]
     rows = rows if report["inference"] or report.get("training") else []
+    rows = [f"not available: {b['name']} ({b.get('reason')})" for b in report["backends"] if not b["available"]] + rows
     for r in report["inference"]:
         rows.append(
             f"{r['task']:<8} {r['mode']:<5} {r['backend']:<22} {r['compute']['median']:>9.3f} "

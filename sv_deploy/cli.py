@@ -688,10 +688,15 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--quick", is_flag=True, help="Small volumes, one run each: a check in under a minute.")
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per row (after one warm-up).")
-@click.option("--min-seconds", type=float, default=0.0, show_default=True, help="Keep running a row until this much time is spent.")
-@click.option("--backend", "only", multiple=True, help="Only backends whose name contains this (repeatable).")
+@click.option("--quick", is_flag=True, help="Small volumes, one run each (unless --runs), no torch compiled, no paper-"
+              "recipe training, the ensemble run member by member: a check of every code path in under a minute, "
+              "not a measurement.")
+@click.option("--runs", type=click.IntRange(1), help="Timed runs per row, after one warm-up.  [default: 3; 1 with --quick]")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep running a row until this much time is spent.")
+@click.option("--backend", "only", multiple=True,
+              help="Only backends whose name contains this, any case (repeatable): torch eager, torch compiled, "
+                   "onnxruntime, tensorrt, cpu, cuda.  [default: all]")
 @click.option("--task", "select", multiple=True, type=click.Choice(["2d", "3d", "files"]),
               help="Only these inference tasks (repeatable); files: only the --input files.")
 @click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -703,10 +708,11 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
 @click.option("--repeated-only", is_flag=True,
               help="Only the repeated-inference rows (model loaded once, several files in a row); no training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the report of an earlier bench in OUTDIR.")
 @with_input_options
 @friendly
 def bench(outdir, quick, runs, min_seconds, only, select, inputs, model, no_training, repeated_only, as_json,
-          axes, channel, time_index, series, voxel_size):
+          overwrite, axes, channel, time_index, series, voxel_size):
     """Time the paper's tasks (Table 1) on every available backend; write JSON, Markdown and a PNG.
 
     Tasks: 2D 256x256 -> 1024x1024 and 3D 38x256x256 -> 152x1024x1024 (x4), each with the full recipe
@@ -722,11 +728,24 @@ def bench(outdir, quick, runs, min_seconds, only, select, inputs, model, no_trai
       sv-deploy bench bench-out --repeated-only --backend onnxruntime
       sv-deploy bench bench-out --task files --input stack.tif --model stack.svmodel --no-training
     """
-    from .bench import run_bench
+    from .bench import SERIES_BACKENDS, check_backend_options, chosen, run_bench
     from .enhance_file import ReadOptions
 
     if "files" in select and not inputs:
         raise UserError("--task files times the --input files, but none was given; add --input FILE")
+    if model and not inputs:
+        raise UserError("--model is the model for the --input files (the paper's tasks use an untrained model of "
+                        "their own); add --input FILE")
+    if model and not model.lower().endswith(".svmodel"):
+        raise UserError(f"--model {model}: bench exports and times a .svmodel itself on each backend; give the .svmodel")
+    report_file = Path(outdir) / "bench.json"
+    if report_file.exists() and not overwrite:
+        raise UserError(f"{outdir} holds the report of an earlier bench; choose another OUTDIR or pass --overwrite")
+    check_backend_options(only)
+    if repeated_only and only and not any(chosen(name, only) for name in SERIES_BACKENDS):
+        raise UserError(f"--repeated-only runs on {' and '.join(SERIES_BACKENDS)} (a .svmodel's own paths); "
+                        f"--backend {' / '.join(only)} picks neither")
+    runs = runs or (1 if quick else 3)
     command = "sv-deploy bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sv-deploy bench"
     report = run_bench(Path(outdir), quick=quick, training=not (no_training or repeated_only), runs=runs,
                        min_seconds=min_seconds, only=only, command=command, log=lambda m: click.echo(m, err=True),

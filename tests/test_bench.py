@@ -68,6 +68,13 @@ def test_quick_bench_writes_its_reports(tmp_path):
     assert "## Repeated inference" in (out / "bench.md").read_text()
     assert "export cache held this model already" in (out / "bench.md").read_text()
     assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
+    shown = [line for line in result.stderr.splitlines() if line.startswith("not available: torch compiled (cpu)")]
+    assert shown and "skipped with --quick" in shown[0]  # on screen too, not only in the files
+    assert "not compared here: --quick times smaller volumes" in (out / "bench.md").read_text()
+    assert any(m.startswith("--quick: the paper-recipe training") for m in report["not_measured"])
+    again = run("bench", out, "--quick")  # an earlier report is not replaced unasked
+    assert again.exit_code == 2 and "pass --overwrite" in again.stderr
+    assert json.loads((out / "bench.json").read_text()) == report
 
 
 def test_bench_repeated_only(tmp_path):
@@ -88,13 +95,14 @@ def _stack(path, shape=(6, 40, 36)):
 
 def test_bench_times_a_users_own_file(tmp_path):
     src = _stack(tmp_path / "mine.tif")
-    result = run("bench", tmp_path / "b", "--quick", "--task", "files", "--input", src, "--backend", "onnxruntime",
-                 "--no-training", "--json")
+    result = run("bench", tmp_path / "b", "--quick", "--task", "files", "--input", src, "--backend", "ONNXRuntime",
+                 "--no-training", "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {(r["task"], r["mode"]) for r in report["inference"]} == {("file mine.tif", "full"), ("file mine.tif", "fast")}
     for r in report["inference"]:
         assert r["input_shape"] == [6, 40, 36] and r["paper_s"] is None and r["file_to_file_s"] > 0
+        assert r["compute"]["runs"] == 2  # --runs holds with --quick too
     assert [r["task"] for r in report["series"]] == ["file mine.tif"]
     assert "file mine.tif" in (tmp_path / "b" / "bench.md").read_text()
 
@@ -112,4 +120,18 @@ def test_bench_refuses_bad_user_files_before_timing_anything(tmp_path):
     save_model(model_2d, *fresh_model([(1, 2, 2)], axes="YX"))
     assert_one_line_error(run("bench", tmp_path / "b", "--input", _stack(tmp_path / "s.tif"), "--model", model_2d), "2D")
     assert_one_line_error(run("bench", tmp_path / "b", "--task", "files"), "--input")
+    assert_one_line_error(run("bench", tmp_path / "b", "--backend", "onnx-runtime"), "matches none of")
+    assert_one_line_error(run("bench", tmp_path / "b", "--model", model_2d), "add --input")
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    assert_one_line_error(run("bench", tmp_path / "b", "--input", bad, "--model", onnx), "give the .svmodel")
+    assert_one_line_error(run("bench", tmp_path / "b", "--repeated-only", "--backend", "compiled"), "picks neither")
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_refuses_backends_that_are_all_unavailable_naming_why(tmp_path):
+    from test_cli import assert_one_line_error
+
+    result = run("bench", tmp_path / "b", "--quick", "--task", "2d", "--no-training", "--backend", "compiled")
+    assert_one_line_error(result, "torch compiled (cpu): skipped with --quick")
+    assert not (tmp_path / "b" / "bench.json").exists()
