@@ -638,16 +638,21 @@ def simulate_beads(outdir, shape, count, sigma, window, scale, voxel_size, seed,
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the graph; TensorRT 11 builds the engine in the graph's precision.")
 @click.option("--engine", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
-@click.option("--plugin/--no-plugin", default=True, show_default=True,
-              help="Engine shuffle: our PixelShuffle3D plugin, or TensorRT's own ops from the ONNX function.")
+@click.option("--plugin/--no-plugin", default=None,
+              help="Engine shuffle: our PixelShuffle3D plugin, or TensorRT's own ops from the ONNX function.  "
+                   "[default: plugin]")
 @click.option("--tile", callback=_triple(int, "32,96,96"),
               help="Tile core z,y,x the engine is optimised for; infer then uses it [default: 32,96,96].")
-@click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
-              help="Back-projection iterations the engine's largest tile must allow (sets its halo).")
+@click.option("--bp-iters", type=click.IntRange(0, 100),
+              help="Back-projection iterations the engine's largest tile must allow (sets its halo).  [default: 10]")
 @click.option("--overwrite", is_flag=True, help="Replace existing files in OUTDIR.")
 @friendly
 def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
     """Export MODEL to one ONNX file (all stages chained) and, with --engine, a TensorRT engine.
+
+    Writes OUTDIR/NAME.onnx (NAME.fp16.onnx with --precision fp16); with --engine also one engine
+    per stage and NAME.plugin.trt.json (NAME.builtin.trt.json with --no-plugin), the manifest infer
+    takes. --plugin, --tile and --bp-iters only apply with --engine.
 
     The ONNX runs on ONNX Runtime anywhere: 'sv-deploy infer OUTDIR/NAME.onnx INPUT -o OUT'.
 
@@ -660,6 +665,12 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
     from .model_file import load_model
     from .volume_io import check_output_path
 
+    engine_only = [o for o, v in (("--tile", tile), ("--bp-iters", bp_iters), ("--plugin/--no-plugin", plugin))
+                   if v is not None]
+    if engine_only and not engine:
+        raise UserError(f"{' and '.join(engine_only)} only apply to TensorRT engines: add --engine, or leave them out")
+    plugin = True if plugin is None else plugin
+    bp_iters = 10 if bp_iters is None else bp_iters
     src = Path(model)
     dest = Path(outdir)
     target = onnx_path(dest, src, precision)
@@ -782,13 +793,21 @@ def info(model):
 
         graph = load_onnx(model)  # verifies the export's digest
         meta = read_metadata(graph)
+        config = onnx_config(graph)
         shown = {"sha256": meta["sha256"], "checksum": "verified", "source_sha256": meta.get("source_sha256"),
-                 "precision": meta.get("precision"), "config": json.loads(onnx_config(graph).to_json())}
+                 "precision": meta.get("precision"), "folded_ensemble": meta.get("folded_ensemble") == "1",
+                 "halo": int(meta["halo"]) if meta.get("halo") else None,
+                 "opset": max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=None),
+                 "ir_version": graph.ir_version, "exported_with": json.loads(meta.get("versions") or "{}"),
+                 "config": json.loads(config.to_json())}
     else:
         from .model_file import load_model
 
         config, _, digest = load_model(model)  # verifies the checksum over weights and config
         shown = {"sha256": digest, "checksum": "verified", "config": json.loads(config.to_json())}
+    if not model.lower().endswith(".json"):
+        # stages whose network learned nothing run as cubic interpolation (`train`'s warning said so)
+        shown["stages_run_as_interpolation"] = [i + 1 for i in config.interpolation_stages()]
     click.echo(json.dumps(shown, indent=2))
 
 

@@ -67,16 +67,16 @@ def run_demo(outdir: Path, scale: int, steps: Optional[int], overwrite: bool) ->
     model = f"{d}/beads.svmodel"
     train = ["train", f"{d}/beads_lr.tif", "-o", model, "--scale", str(scale), *extra]
     _run(train + (["--steps", str(steps)] if steps is not None else []))
-    _run(["infer", model, f"{d}/beads_lr.tif", "-o", f"{d}/beads_x{scale}.ome.tif", *extra])
-    _run(["evaluate", f"{d}/beads_x{scale}.ome.tif", f"{d}/beads_hr.tif", "--lowres", f"{d}/beads_lr.tif"])
+    _run(["infer", model, f"{d}/beads_lr.tif", "-o", f"{d}/beads_lr_x{scale}.ome.tif", *extra])
+    _run(["evaluate", f"{d}/beads_lr_x{scale}.ome.tif", f"{d}/beads_hr.tif", "--lowres", f"{d}/beads_lr.tif"])
     click.echo(
         f"\nHow to read it: the first row is sv-deploy's result, the others are plain interpolation; the\n"
         f"one with back-projection is the honest baseline (all the method does except the network), so\n"
         f"the gap between the first row and it is what the network learned. Files in {d}/:\n"
-        f"  {'beads_hr.tif':<20} the simulated truth (the finer sampling you would like to have acquired)\n"
-        f"  {'beads_lr.tif':<20} the same beads sampled x{scale} coarser: what the microscope gave\n"
-        f"  {'beads.svmodel':<20} the model trained on beads_lr.tif alone ('sv-deploy info' shows it)\n"
-        f"  {f'beads_x{scale}.ome.tif':<20} the enhanced volume; open it beside beads_hr.tif (same voxel size)\n"
+        f"  {'beads_hr.tif':<22} the simulated truth (the finer sampling you would like to have acquired)\n"
+        f"  {'beads_lr.tif':<22} the same beads sampled x{scale} coarser: what the microscope gave\n"
+        f"  {'beads.svmodel':<22} the model trained on beads_lr.tif alone ('sv-deploy info' shows it)\n"
+        f"  {f'beads_lr_x{scale}.ome.tif':<22} the enhanced volume; open it beside beads_hr.tif (same voxel size)\n"
         f"Next, on your own stack: sv-deploy train stack.tif -o stack.svmodel --scale 2, then\n"
         f"sv-deploy infer stack.svmodel stack.tif -o stack_x2.ome.tif"
     )

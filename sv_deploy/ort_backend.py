@@ -28,7 +28,8 @@ def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf and onnx raise their own types for bytes that are not ONNX
-        raise UserError(f"{path} is not an ONNX file ({type(exc).__name__}); create one with 'sv-deploy export'") from None
+        raise UserError(f"{path} is not an ONNX file, or it is damaged or truncated ({type(exc).__name__}); "
+                        "export it again with 'sv-deploy export'") from None
     try:
         onnx_graph.read_metadata(model)
     except ValueError as exc:

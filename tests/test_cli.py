@@ -217,6 +217,10 @@ def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, t
 
     shown = json.loads(run("info", onnx_file).stdout)  # the export tells what it came from
     assert shown["source_sha256"] == read_header(model_file)["sha256"] and shown["config"]["stages"] == [[2, 2, 2]]
+    assert shown["halo"] > 0 and shown["folded_ensemble"] is False and shown["opset"] == 18
+    assert "torch" in shown["exported_with"] and shown["stages_run_as_interpolation"] == []
+    # an export is not a .svmodel: exporting it again names what to give instead
+    assert_one_line_error(run("export", onnx_file, "-o", tmp_path / "exp2"), "is an ONNX export, not a .svmodel")
     common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q"]
     torch_out, ort_out = tmp_path / "t.ome.tif", tmp_path / "o.ome.tif"
     assert run("infer", model_file, lr_file, "-o", torch_out, "--backend", "torch", *common).exit_code == 0
@@ -343,6 +347,9 @@ def test_export_errors(model_file, lr_file, tmp_path):
         assert not (tmp_path / "e").exists()
     assert_one_line_error(run("export", lr_file, "-o", tmp_path / "e2"), "is an image, not a model file")
     assert not (tmp_path / "e2").exists()
+    assert_one_line_error(run("export", model_file, "-o", tmp_path / "e3", "--tile", "8,32,32", "--no-plugin"),
+                          "--tile and --plugin/--no-plugin only apply to TensorRT engines")
+    assert not (tmp_path / "e3").exists()
     not_onnx = tmp_path / "fake.onnx"
     not_onnx.write_bytes(b"\x00not a protobuf at all")
     assert_one_line_error(run("infer", not_onnx, lr_file, "-o", tmp_path / "x.ome.tif"), "fake.onnx")

@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end_and_beats_the_baselines(tmp_path):
     result = CliRunner().invoke(main, ["demo", str(out)])
     assert result.exit_code == 0, result.output
     scored = CliRunner().invoke(
-        main, ["evaluate", str(out / "beads_x2.ome.tif"), str(out / "beads_hr.tif"), "--lowres", str(out / "beads_lr.tif"), "--json"]
+        main, ["evaluate", str(out / "beads_lr_x2.ome.tif"), str(out / "beads_hr.tif"), "--lowres", str(out / "beads_lr.tif"), "--json"]
     )
     rows = json.loads(scored.stdout)["rows"]
     ours, cubic, cubic_bp = (r["matched"]["psnr"] for r in rows)
