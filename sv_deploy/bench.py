@@ -434,56 +434,71 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
         "backends": [], "inference": [], "series": [], "training": [], "ratios": {}, "failed": [],
         "not_measured": [],
     }
-    with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
-        work = Path(tmp)
-        synthetic = [(t, None) for t in tasks(quick) if not select or t.name in select]
-        for task, data in synthetic + (user if not select or "files" in select else []):
-            if task.source is not None and model is not None:
-                config, stages, sha256 = load_model(model)
-                model_file = Path(model)
-            else:
-                config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
-                model_file = work / f"{_slug(task.name)}.svmodel"
-                sha256 = save_model(model_file, config, stages)
-            found = backends(config, stages, quick, work, log, sha256)
-            check_some_chosen(found, only, single)
-            _merge_availability(report["backends"], found, task.name)
-            data = synthetic_volume(task.shape) if data is None else data
-            src = work / f"{_slug(task.name)}.tif"
-            write_volume(src, [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
-            crop = data[:4, :64, :64]
-            warmup = work / f"{_slug(task.name)}_warmup.tif"
-            write_volume(warmup, [crop], crop.shape, crop.dtype, "ZYX", (0.4, 0.1, 0.1))
-            for mode, options in MODES.items() if single else ():
-                for b in (b for b in found if b["available"]):
-                    if not chosen(b["name"], only):
-                        continue
-                    log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}: {b['name']} ...")
-                    try:
-                        runner = b.get("runner_full") if mode == "full" and b.get("runner_full") else b["runner"]
-                        row = time_file(runner, config, src, warmup, work / "out.ome.tif", options, runs, min_seconds)
-                    except Exception as exc:  # noqa: BLE001 - a backend that breaks is reported, not fatal
-                        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
-                        report["failed"].append({"task": task.name, "mode": mode, "backend": b["name"], "error": reason})
-                        log(f"  failed: {reason}")
-                        continue
-                    paper = task.paper_s if mode == "full" else None  # the paper timed the full recipe only
-                    row.update(task=task.name, mode=mode, backend=b["name"], input_shape=list(task.shape),
-                               paper_s=paper, speedup=speedup(paper, row["file_to_file_s"]))
-                    report["inference"].append(row)
-                    log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
-            # --quick: the series reuse the export above instead of exporting on first use (seconds each)
-            graph = next((b["graph"] for b in found if b.get("graph") is not None), None) if quick else None
-            report["series"] += _series(task, model_file, sha256, data, work, quick, only, report["failed"], log, graph)
-        if training:
-            report["training"] = time_training(quick, log)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sv-bench-") as tmp:
+            work = Path(tmp)
+            synthetic = [(t, None) for t in tasks(quick) if not select or t.name in select]
+            for task, data in synthetic + (user if not select or "files" in select else []):
+                if task.source is not None and model is not None:
+                    config, stages, sha256 = load_model(model)
+                    model_file = Path(model)
+                else:
+                    config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
+                    model_file = work / f"{_slug(task.name)}.svmodel"
+                    sha256 = save_model(model_file, config, stages)
+                found = backends(config, stages, quick, work, log, sha256)
+                check_some_chosen(found, only, single)
+                _merge_availability(report["backends"], found, task.name)
+                data = synthetic_volume(task.shape) if data is None else data
+                src = work / f"{_slug(task.name)}.tif"
+                write_volume(src, [data], data.shape, data.dtype, "ZYX", (0.4, 0.1, 0.1))
+                crop = data[:4, :64, :64]
+                warmup = work / f"{_slug(task.name)}_warmup.tif"
+                write_volume(warmup, [crop], crop.shape, crop.dtype, "ZYX", (0.4, 0.1, 0.1))
+                for mode, options in MODES.items() if single else ():
+                    for b in (b for b in found if b["available"]):
+                        if not chosen(b["name"], only):
+                            continue
+                        log(f"{task.name} {'x'.join(map(str, task.shape))} {mode}: {b['name']} ...")
+                        try:
+                            runner = b.get("runner_full") if mode == "full" and b.get("runner_full") else b["runner"]
+                            row = time_file(runner, config, src, warmup, work / "out.ome.tif", options, runs, min_seconds)
+                        except Exception as exc:  # noqa: BLE001 - a backend that breaks is reported, not fatal
+                            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+                            report["failed"].append({"task": task.name, "mode": mode, "backend": b["name"], "error": reason})
+                            log(f"  failed: {reason}")
+                            continue
+                        paper = task.paper_s if mode == "full" else None  # the paper timed the full recipe only
+                        row.update(task=task.name, mode=mode, backend=b["name"], input_shape=list(task.shape),
+                                   paper_s=paper, speedup=speedup(paper, row["file_to_file_s"]))
+                        report["inference"].append(row)
+                        log(f"  median compute {row['compute']['median']:.3f} s, file to file {row['file_to_file_s']:.3f} s")
+                # --quick: the series reuse the export above instead of exporting on first use (seconds each)
+                graph = next((b["graph"] for b in found if b.get("graph") is not None), None) if quick else None
+                report["series"] += _series(task, model_file, sha256, data, work, quick, only, report["failed"], log, graph)
+            if training:
+                report["training"] = time_training(quick, log)
+    except KeyboardInterrupt:  # keep what was measured: a full bench runs for tens of minutes
+        report["interrupted"] = True
+        report["not_measured"].append("everything after the interruption")
+        _finish(report, outdir, started, quick)
+        log(f"interrupted: the rows measured so far are in {outdir}/bench.json and bench.md (marked interrupted)")
+        raise
+    _finish(report, outdir, started, quick)
+    for line in table(report):
+        log(line)
+    return report
+
+
+def _finish(report: dict, outdir: Path, started: float, quick: bool) -> None:
+    """Ratios and what was not measured, then the JSON, Markdown and PNG."""
     for r in report["inference"]:
         if r["backend"] == "onnxruntime (cpu)":
             ref = next((t for t in report["inference"] if t["backend"] == "torch eager (cpu)"
                         and t["task"] == r["task"] and t["mode"] == r["mode"]), None)
             if ref:
                 report["ratios"][f"{r['task']} {r['mode']}"] = ref["compute"]["median"] / r["compute"]["median"]
-    report["not_measured"] = [f"{b['name']}: {b['reason']}" for b in report["backends"] if not b["available"]]
+    report["not_measured"] += [f"{b['name']}: {b['reason']}" for b in report["backends"] if not b["available"]]
     report["not_measured"] += [f"{f['task']} {f['mode']} on {f['backend']}: failed ({f['error']})" for f in report["failed"]]
     if quick:
         report["not_measured"] += ["--quick: the paper-recipe training; the full recipe on ONNX Runtime with its "
@@ -496,9 +511,6 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                                       "(the copies happen inside ONNX Runtime's run)")
     report["seconds"] = time.perf_counter() - started
     write_report(report, outdir)
-    for line in table(report):
-        log(line)
-    return report
 
 
 def _series(task: Task, model: Path, sha256: str, data: np.ndarray, work: Path, quick: bool, only: Sequence[str],

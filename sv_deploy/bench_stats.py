@@ -48,7 +48,8 @@ def _machine(m: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# sv-deploy bench ({'quick' if report['quick'] else 'full'})",
+        f"# sv-deploy bench ({'quick' if report['quick'] else 'full'}"
+        f"{', interrupted: the rows measured before it' if report.get('interrupted') else ''})",
         "",
         f"{report['date']}, sv-deploy {report['version']}, commit {report.get('commit') or 'n/a'}; "
         f"machine: {_machine(report['machine'])}, GPU: {report['machine']['gpu'] or 'none'}.",

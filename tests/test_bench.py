@@ -135,3 +135,18 @@ def test_bench_refuses_backends_that_are_all_unavailable_naming_why(tmp_path):
     result = run("bench", tmp_path / "b", "--quick", "--task", "2d", "--no-training", "--backend", "compiled")
     assert_one_line_error(result, "torch compiled (cpu): skipped with --quick")
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    from sv_deploy import bench
+
+    def interrupted(quick, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "time_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(tmp_path / "b", quick=True, select=["2d"], only=["onnxruntime"], log=lambda m: None)
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["interrupted"] and {r["mode"] for r in report["inference"]} == {"full", "fast"}
+    assert "everything after the interruption" in report["not_measured"]
+    assert (tmp_path / "b" / "bench.md").read_text().startswith("# sv-deploy bench (quick, interrupted")
