@@ -5,7 +5,8 @@
 #   2. `sv-deploy bench` on the GPU: the paper's 2D and 3D tasks, fast and full recipe, on torch
 #      eager (CUDA) and ONNX Runtime where its CUDA provider exists, training with the paper's
 #      recipe and ours; then torch compiled on the 3D task.
-# Each step has its own time limit so a slow one cannot eat the others'; what each wrote lands in
+# Each step has its own time limit (120 + 270 + 100 s, room left for the install within 600 s) so a
+# slow one cannot eat the others'; what each wrote lands in
 # $OUT (or ./gpu-check here): gpu.txt, tests.txt, bench/ and bench_compiled/ (json, md, png) and their logs.
 #
 #   device run:  bash benchmarks/gpu_check.sh          (timeout_s 600)
@@ -24,13 +25,13 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/
 } 2>&1 | tee "$OUT/gpu.txt"
 
 echo "== CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_cuda_io.py 2>&1 \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_cuda_io.py 2>&1 \
   | tee "$OUT/tests.txt" | tail -15
 
 echo "== bench on the GPU: torch eager (and ONNX Runtime's CUDA provider where installed), training"
-timeout 300 python3 -m sv_deploy bench "$OUT/bench" --runs 3 --backend "eager (cuda)" --backend "onnxruntime (cuda)" \
+timeout 270 python3 -m sv_deploy bench "$OUT/bench" --runs 3 --backend "eager (cuda)" --backend "onnxruntime (cuda)" \
   2>&1 | tee "$OUT/bench.log" | tail -40
 echo "== bench: torch compiled on the GPU, 3D only (compiles once per pass shape: last, in what time is left)"
-timeout 120 python3 -m sv_deploy bench "$OUT/bench_compiled" --runs 3 --task 3d --no-training --backend "compiled (cuda)" \
+timeout 100 python3 -m sv_deploy bench "$OUT/bench_compiled" --runs 3 --task 3d --no-training --backend "compiled (cuda)" \
   2>&1 | tee "$OUT/bench_compiled.log" | tail -20
 echo "== done"

@@ -54,7 +54,10 @@ class TorchBackend:
         """Free bytes on the GPU the network runs on (sizes its passes); None on the CPU."""
         if self.device.type != "cuda":
             return None
-        return torch.cuda.mem_get_info(self.device)[0]
+        free = torch.cuda.mem_get_info(self.device)[0]
+        # blocks torch's caching allocator holds but no tensor uses are free to these passes too
+        # (the driver counts them as taken): without them a second file got passes half as large
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -143,6 +146,9 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
             )
         from .trt_engine import TensorRTBackend
 
+        gpu = pick_device(device)
+        if gpu.type == "cuda" and gpu.index is not None:  # TensorRT and its buffers use the current device
+            torch.cuda.set_device(gpu)
         runner = TensorRTBackend(path)
         return runner.config, runner
     raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")

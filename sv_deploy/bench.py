@@ -114,6 +114,8 @@ class PeakRSS:
         self._proc = psutil.Process()
         self.start = self.peak = self._proc.memory_info().rss
         self._hwm = _reset_high_water_mark()
+        if self.gpu:  # blocks cached by an earlier row would hide this row's own use
+            torch.cuda.empty_cache()
         self._base = self._device_used() if self.gpu else None
         self.device_peak = 0 if self.gpu else None
         self._stop = threading.Event()
@@ -165,9 +167,12 @@ def _high_water_mark() -> int:
         return 0
 
 
-def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" * 64) -> List[dict]:
+def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" * 64,
+             only: Sequence[str] = ()) -> List[dict]:
     """Every backend, marked available or not and why; available ones carry a runner (and the
-    ONNX Runtime entry its graph, exported for the model file whose checksum is `sha256`)."""
+    ONNX Runtime entry its graph, exported for the model file whose checksum is `sha256`). Those
+    --backend (`only`) leaves out and that cost time to set up (compiling, engine builds, a second
+    export) are not built."""
     from .backends import TorchBackend
 
     # each runner its own copy: TorchBackend moves the modules to its device in place
@@ -175,7 +180,8 @@ def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" 
     cuda = torch.cuda.is_available()
     found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
                   "runner": TorchBackend(_copies(stages), torch.device("cuda")) if cuda else None})
-    found.append(_compiled(stages, quick))
+    compiled = f"torch compiled ({'cuda' if cuda else 'cpu'})"
+    found.append(_compiled(stages, quick) if chosen(compiled, only) else _not_picked(compiled))
     try:
         import onnxruntime as ort
 
@@ -184,20 +190,33 @@ def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" 
 
         graph = to_onnx(config, stages, sha256)
         # --quick skips this second export (seconds): its full rows run the eight passes
-        folded = None if quick else to_onnx(config, stages, sha256, folded_ensemble=True)
+        folded = None if quick or not chosen("onnxruntime (cpu)", only) else to_onnx(config, stages, sha256,
+                                                                                     folded_ensemble=True)
         # "runner_full": the ensemble folded into each pass, as `infer` runs the full recipe there
         found.append({"name": "onnxruntime (cpu)", "available": True, "graph": graph,
                       "runner": OnnxRuntimeBackend(graph, device="cpu", log=log),
                       "runner_full": OnnxRuntimeBackend(folded, device="cpu", log=log) if folded else None})
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        found.append({"name": "onnxruntime (cuda)", "available": has_cuda,
-                      "reason": None if has_cuda else "onnxruntime-gpu not installed (CUDA execution provider missing)",
-                      "runner": OnnxRuntimeBackend(graph, device="cuda", log=log) if has_cuda else None})
+        on_gpu, why = None, "onnxruntime-gpu not installed (CUDA execution provider missing)"
+        if "CUDAExecutionProvider" in ort.get_available_providers() and chosen("onnxruntime (cuda)", only):
+            try:  # listed is not loaded: a CUDA provider whose libraries fail would time the CPU
+                on_gpu = OnnxRuntimeBackend(graph, device="cuda", log=log)
+            except UserError as exc:
+                why = str(exc)
+        elif "CUDAExecutionProvider" in ort.get_available_providers():
+            why = "not picked by --backend"
+        found.append({"name": "onnxruntime (cuda)", "available": on_gpu is not None,
+                      "reason": None if on_gpu else why, "runner": on_gpu})
     except ImportError as exc:
         found.append({"name": "onnxruntime (cpu)", "available": False, "reason": f"not installed ({exc})"})
         graph = None
-    found += _tensorrt(graph, workdir, log)
+    engines = ("tensorrt (plugin shuffle)", "tensorrt (built-in shuffle)")
+    found += _tensorrt(graph, workdir, log) if any(chosen(n, only) for n in engines) else [
+        _not_picked(n) for n in engines]
     return found
+
+
+def _not_picked(name: str) -> dict:
+    return {"name": name, "available": False, "reason": "not picked by --backend"}
 
 
 BACKEND_NAMES = ("torch eager (cpu)", "torch eager (cuda)", "torch compiled (cpu)", "torch compiled (cuda)",
@@ -446,7 +465,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
                     config, stages = fresh_model(task.stages, axes="YX" if task.shape[0] == 1 else "ZYX")
                     model_file = work / f"{_slug(task.name)}.svmodel"
                     sha256 = save_model(model_file, config, stages)
-                found = backends(config, stages, quick, work, log, sha256)
+                found = backends(config, stages, quick, work, log, sha256, only)
                 check_some_chosen(found, only, single)
                 _merge_availability(report["backends"], found, task.name)
                 data = synthetic_volume(task.shape) if data is None else data

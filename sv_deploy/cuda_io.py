@@ -54,15 +54,20 @@ def run_on_gpu(x: np.ndarray, compute: Callable, device, stream, staging: Pinned
     host_in.numpy()[...] = x
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
     stream.wait_stream(torch.cuda.current_stream(device))  # weights and earlier work on the default stream
-    with torch.cuda.stream(stream):
-        marks[0].record(stream)
-        dev_in = host_in.to(device, non_blocking=True)
-        marks[1].record(stream)
-        dev_out = compute(dev_in).float()
-        marks[2].record(stream)
-        host_out = staging.view("out", dev_out.shape)
-        host_out.copy_(dev_out, non_blocking=True)
-        marks[3].record(stream)
+    try:
+        with torch.cuda.stream(stream):
+            marks[0].record(stream)
+            dev_in = host_in.to(device, non_blocking=True)
+            marks[1].record(stream)
+            dev_out = compute(dev_in).float()
+            marks[2].record(stream)
+            host_out = staging.view("out", dev_out.shape)
+            host_out.copy_(dev_out, non_blocking=True)
+            marks[3].record(stream)
+    except BaseException:
+        # an out-of-memory retry rewrites the same pinned buffer: the copy from it must be done
+        stream.synchronize()
+        raise
     marks[3].synchronize()
     times.host_to_device_s += marks[0].elapsed_time(marks[1]) / 1e3
     times.compute_s += marks[1].elapsed_time(marks[2]) / 1e3

@@ -66,10 +66,12 @@ def read_input(path, read: ReadOptions) -> Volume:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """MemoryError, torch's CUDA OOM, and ONNX Runtime's allocation failures all mean: retry smaller (see `shrink_after_oom`)."""
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
         return True
     text = str(exc).lower()  # ONNX Runtime's exceptions are not RuntimeError subclasses: go by the message
-    return "out of memory" in text or "failed to allocate" in text
+    # cuDNN and cuBLAS report a failed workspace allocation as ALLOC_FAILED, or as finding no engine
+    return any(sign in text for sign in ("out of memory", "failed to allocate", "alloc_failed",
+                                         "unable to find an engine"))
 
 
 def shrink_after_oom(exc: BaseException, tile: Tuple[int, int, int], block: int):

@@ -108,6 +108,10 @@ class OnnxRuntimeBackend:
         self._chain = None
         active = self.sessions[0].get_providers()
         if CUDA in _names(providers) and CUDA not in active:
+            # get_available_providers lists what the package was built with, not what loads here
+            if device.startswith("cuda"):
+                raise UserError(f"ONNX Runtime could not start its CUDA execution provider (its CUDA/cuDNN "
+                                f"libraries do not load); use --device cpu, or an onnxruntime-gpu built for this CUDA")
             log("warning: ONNX Runtime could not start its CUDA execution provider; running on CPU")
         self.name = f"onnxruntime ({'cuda' if CUDA in active else 'cpu'}, {'fp16' if self.dtype == np.float16 else 'fp32'})"
         self._providers, self._opts = providers, opts

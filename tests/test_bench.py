@@ -150,3 +150,14 @@ def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert report["interrupted"] and {r["mode"] for r in report["inference"]} == {"full", "fast"}
     assert "everything after the interruption" in report["not_measured"]
     assert (tmp_path / "b" / "bench.md").read_text().startswith("# sv-deploy bench (quick, interrupted")
+
+
+def test_backends_left_out_by_backend_are_not_built(tmp_path):
+    """Compiling (minutes) and engine builds are skipped for backends --backend does not pick."""
+    from sv_deploy.bench import backends, fresh_model
+
+    config, stages = fresh_model([(2, 2, 2)])
+    found = {b["name"]: b for b in backends(config, stages, False, tmp_path, lambda m: None, only=["onnxruntime (cpu)"])}
+    assert found["torch compiled (cpu)"]["reason"] == "not picked by --backend"
+    assert found["tensorrt (plugin shuffle)"]["reason"] == "not picked by --backend"
+    assert found["onnxruntime (cpu)"]["available"] and found["onnxruntime (cpu)"]["runner_full"] is not None

@@ -201,6 +201,10 @@ def test_sizes_and_names():
     assert shrink_after_oom(RuntimeError("failed to allocate"), (12, 48, 48), MIN_BLOCK_VOXELS + 99) == ((12, 48, 48), MIN_BLOCK_VOXELS)
     assert shrink_after_oom(RuntimeError("failed to allocate"), (12, 48, 48), MIN_BLOCK_VOXELS) == ((6, 24, 24), MIN_BLOCK_VOXELS)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    # cuDNN's and cuBLAS's ways of saying it, and torch's own type whatever its message
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("GET was unable to find an engine to execute this computation"))
+    assert is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB"))
 
 
 def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, monkeypatch):
