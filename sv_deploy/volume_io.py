@@ -221,6 +221,17 @@ def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
                         "written, wait until it is complete, else copy or export it again")
 
 
+def _check_fits_memory(path: Path, series) -> None:
+    """Refuse a series that would not fit in memory before decompressing it: a compressed file of a
+    few kB can declare tens of GB (and reading it would end as a bare out-of-memory)."""
+    import psutil
+
+    declared, free = int(series.nbytes), int(psutil.virtual_memory().available)
+    if declared > free:
+        raise UserError(f"{path} holds {declared / 2**30:.1f} GiB of pixels (as its header declares), more than the "
+                        f"{free / 2**30:.1f} GiB of memory free; crop it or read it on a machine with more memory")
+
+
 def read_volume(
     path: os.PathLike | str,
     axes: Optional[str] = None,
@@ -237,11 +248,14 @@ def read_volume(
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a TIFF file")
+    if not path.is_file():  # a pipe or a device would block or never end
+        raise UserError(f"{path} is not a regular file; give a TIFF file")
     _reading.complaints = complaints = []
     try:
         with tifffile.TiffFile(path) as tif:
             index, chosen = _pick_series(tif, series, path)
             _check_complete(path, chosen, complaints)
+            _check_fits_memory(path, chosen)
             data = chosen.asarray()
             tif_axes = chosen.axes
             voxel = _read_voxel_size(tif, index, chosen.keyframe)

@@ -229,3 +229,26 @@ def test_float16_is_read_as_float32(tmp_path):
     tifffile.imwrite(path, np.linspace(0, 1, 6 * 8 * 8, dtype=np.float16).reshape(6, 8, 8), photometric="minisblack")
     vol = read_volume(path)
     assert vol.dtype == np.float32 and vol.data.max() == 1.0
+
+
+def test_a_file_that_declares_more_pixels_than_memory_holds_is_refused_before_reading(tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    path = tmp_path / "bomb.tif"  # a few kB compressed: the header is what counts
+    tifffile.imwrite(path, np.zeros((4, 256, 256), np.uint16), compression="zlib", photometric="minisblack")
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(400_000))  # less than its 512 kB
+    with pytest.raises(UserError, match="more than the 0.0 GiB of memory free"):
+        read_volume(path)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX pipes")
+def test_a_pipe_is_refused_instead_of_read_forever(tmp_path):
+    import os
+
+    pipe = tmp_path / "pipe.tif"
+    os.mkfifo(pipe)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_volume(pipe)
