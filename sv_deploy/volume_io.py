@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -344,10 +345,18 @@ def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
     (safetensors) create theirs private, and a model on a shared microscope PC must be readable
     by the other accounts as an image is."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    # Created here, exclusively and under a name no one can guess: in a folder others can write to
+    # (a shared microscope PC), a link planted at a predictable name would have been written through.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:  # on the file itself, not whatever its name might point to by now
+            os.fchmod(fd, 0o666 & ~_UMASK) if hasattr(os, "fchmod") else os.chmod(tmp, 0o666 & ~_UMASK)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         try:

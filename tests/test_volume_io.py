@@ -252,3 +252,26 @@ def test_a_pipe_is_refused_instead_of_read_forever(tmp_path):
     os.mkfifo(pipe)
     with pytest.raises(UserError, match="not a regular file"):
         read_volume(pipe)
+
+
+def test_the_temporary_output_is_never_a_link_someone_planted(tmp_path):
+    """In a folder others can write to, a link at a name they can predict must not be written through."""
+    import os
+
+    from sv_deploy.volume_io import atomic_output
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.chmod(victim, 0o600)
+    out = tmp_path / "o.ome.tif"
+    for guess in (f".o.ome.tif.partial-{os.getpid()}", f".o.ome.tif.partial-{os.getpid()}-0"):
+        os.symlink(victim, tmp_path / guess)
+    data = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    write_volume(out, [data], data.shape, np.uint16, "ZYX", (1.0, 1.0, 1.0))
+    assert victim.read_text() == "keep me" and (victim.stat().st_mode & 0o777) == 0o600
+    assert np.array_equal(read_volume(out).data, data) and not out.is_symlink()
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "x.tif") as tmp:
+            assert tmp.is_file() and not tmp.is_symlink()
+            raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["o.ome.tif", "victim.txt"]
