@@ -22,8 +22,8 @@ from . import onnx_graph, shuffle_op
 from .config import ModelConfig
 from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
-from .trt_plan import (EngineManifest, Profile, check_compatible, profile_error, shuffle_layer_error, stage_profiles,
-                       timing_cache_name, version_error, without_plugin)
+from .trt_plan import (EngineManifest, Profile, check_compatible, engine_paths, profile_error, shuffle_layer_error,
+                       stage_profiles, timing_cache_name, version_error, without_plugin)
 from .volume_io import atomic_output
 
 PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
@@ -211,7 +211,7 @@ def read_manifest(path: Union[str, Path]) -> EngineManifest:
         raise UserError(f"{path}: no such engine manifest")
     try:
         return EngineManifest.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{path} is not an sv-deploy engine manifest ({exc}); build one with 'sv-deploy export --engine'") from None
 
 
@@ -237,13 +237,13 @@ class TensorRTBackend:
         logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(logger)
         self.engines, self.contexts = [], []
-        for name in self.manifest.engines:
-            engine = self._runtime.deserialize_cuda_engine((path.parent / name).read_bytes())
+        for engine_path in engine_paths(path.parent, self.manifest):
+            engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
             if engine is None:
-                raise UserError(f"TensorRT could not load {path.parent / name}; rebuild it with 'sv-deploy export --engine'")
+                raise UserError(f"TensorRT could not load {engine_path}; rebuild it with 'sv-deploy export --engine'")
             context = engine.create_execution_context()
             if context is None:
-                raise UserError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
+                raise UserError(f"TensorRT could not create an execution context for {engine_path.name} (out of GPU memory?)")
             self.engines.append(engine)
             self.contexts.append(context)
         self.io = [self._io_names(trt, e) for e in self.engines]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -179,14 +180,44 @@ class EngineManifest:
 
     @classmethod
     def from_json(cls, text: str) -> "EngineManifest":
+        """Parsed and type-checked: a manifest names files TensorRT loads (engines are native code, so
+        they must be plain names beside it, see `engine_paths`), and a field of the wrong type
+        raises ValueError here, not an AttributeError somewhere later."""
         data = json.loads(text)
-        if data.get("format") != MANIFEST_FORMAT:
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ValueError("not an sv-deploy TensorRT engine manifest")
-        data["engines"] = tuple(data["engines"])
-        data["profiles"] = tuple(Profile(*(tuple(p[k]) for k in ("min", "opt", "max"))) for p in data["profiles"])
-        data["compute_capability"] = tuple(data["compute_capability"])
-        data["tile"] = tuple(data["tile"])
+        data["engines"] = _typed(data.get("engines"), str, "engines")
+        data["profiles"] = tuple(Profile(*(_typed(p[k], int, f"profiles {k}", 5) for k in ("min", "opt", "max")))
+                                 for p in _typed(data.get("profiles"), dict, "profiles"))
+        data["compute_capability"] = _typed(data.get("compute_capability"), int, "compute_capability", 2)
+        data["tile"] = _typed(data.get("tile"), int, "tile", 3)
+        if not isinstance(data.get("plugin"), bool):
+            raise ValueError("field plugin must be true or false")
+        for key in ("tensorrt_version", "gpu_name", "plugin_version", "precision", "source_onnx",
+                    "source_onnx_sha256", "config", "created"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"field {key} must be a string")
         return cls(**data)
+
+
+def _typed(values, kind: type, name: str, length: Optional[int] = None) -> tuple:
+    if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values) \
+            or (length is not None and len(values) != length):
+        raise ValueError(f"field {name} must be a list of {length or 'some'} {kind.__name__} values")
+    return tuple(values)
+
+
+def engine_paths(folder: Path, manifest: EngineManifest) -> List[Path]:
+    """The engine files, which must be plain file names in the manifest's own folder: a serialized
+    engine is native code TensorRT runs, so a manifest must not reach for one elsewhere."""
+    paths = []
+    for name in manifest.engines:
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", "..") or path.is_symlink() or not path.is_file():
+            raise UserError(f"the manifest names engine '{name}', which is not a file beside it; engines must sit "
+                            "in the manifest's folder: rebuild them with 'sv-deploy export --engine'")
+        paths.append(path)
+    return paths
 
 
 def check_compatible(manifest: EngineManifest, tensorrt_version: str, gpu_name: str,

@@ -4,6 +4,7 @@ TensorRT itself is not needed: these are the parts CI can check.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -173,6 +174,28 @@ def test_manifest_round_trips_through_json():
     assert EngineManifest.from_json(manifest.to_json()) == manifest
     with pytest.raises(ValueError, match="not an sv-deploy"):
         EngineManifest.from_json('{"format": "other"}')
+    for bad, field in (([1, 2], "not an sv-deploy"), ({"engines": "abc"}, "engines"), ({"compute_capability": "9.0"},
+                       "compute_capability"), ({"plugin": "no"}, "plugin"), ({"config": {}}, "config"),
+                       ({"tile": [8, 16]}, "tile")):
+        text = json.dumps(bad if isinstance(bad, list) else {**json.loads(manifest.to_json()), **bad})
+        with pytest.raises(ValueError, match=field):
+            EngineManifest.from_json(text)
+
+
+def test_engines_must_be_files_beside_their_manifest(tmp_path):
+    """A serialized engine is native code: a manifest may not point TensorRT at a file elsewhere."""
+    import os
+
+    from sv_deploy.trt_plan import engine_paths
+
+    (tmp_path / "m.plugin.stage1.engine").write_bytes(b"engine")
+    assert engine_paths(tmp_path, make_manifest()) == [tmp_path / "m.plugin.stage1.engine"]
+    elsewhere = tmp_path / "elsewhere.engine"
+    elsewhere.write_bytes(b"x")
+    os.symlink(elsewhere, tmp_path / "link.engine")
+    for name in ("/etc/passwd", "../m.plugin.stage1.engine", "sub/x.engine", "link.engine", "missing.engine", ".."):
+        with pytest.raises(UserError, match="not a file beside it"):
+            engine_paths(tmp_path, make_manifest(engines=(name,)))
 
 
 def test_engine_for_another_gpu_or_version_is_refused_naming_both():
