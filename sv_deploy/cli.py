@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .config import ArchConfig, TrainConfig
+from .config import ArchConfig, ModelConfig, TrainConfig
 from .errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -217,7 +217,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
 
     import torch
 
-    from .config import ModelConfig, NormConfig, Provenance
+    from .config import NormConfig, Provenance
     from .factors import parse_scale, split_stages
     from .model_file import SUFFIX, save_model
     from .normalize import normalize, percentiles, valid_range
@@ -786,7 +786,10 @@ def info(model):
 
         manifest = read_manifest(model)
         shown = json.loads(manifest.to_json())
-        shown["config"] = json.loads(manifest.config)
+        try:
+            shown["config"] = json.loads(ModelConfig.from_json(manifest.config).to_json())
+        except ValueError as exc:
+            raise UserError(f"{model}: the model config in it cannot be read ({exc}); rebuild the engine") from None
     elif model.lower().endswith(".onnx"):
         from .onnx_graph import read_metadata
         from .ort_backend import load_onnx, onnx_config

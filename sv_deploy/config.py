@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -143,7 +144,40 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return _build(cls, json.loads(text))
+        """Parsed and checked; any problem (a file from a newer or foreign writer, or made by hand:
+        the checksum beside it is not a signature) is a ValueError, before a network is built."""
+        try:
+            config = _build(cls, json.loads(text))
+            config.check()
+        except (TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+        return config
+
+    def check(self) -> None:
+        """Ranges a model can have: a config asking for a 1000x factor or 10^7 channels would
+        otherwise allocate without bound while the network is built."""
+        def ints(values, low, high):
+            return all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+
+        a = self.arch
+        problems = [
+            (not self.stages or len(self.stages) > 4 or not all(len(f) == 3 and ints(f, 1, 8) for f in self.stages),
+             f"stages {self.stages}: 1 to 4 stages of three factors 1-8"),
+            (not ints((a.features, a.shrink, a.members), 1, 256) or not ints((a.mid_layers,), 0, 32)
+             or not ints((a.groups,), 1, 256) or a.shrink % a.groups,
+             f"arch {a}: sizes out of range"),
+            (a.padding not in ("zeros", "replicate", "reflect", "circular") or a.interp_border not in
+             ("symmetric", "replicate"), f"arch padding {a.padding!r} / interp_border {a.interp_border!r}"),
+            (self.axes not in ("ZYX", "YX"), f"axes {self.axes!r}: ZYX or YX"),
+            (self.provenance is not None and not all(
+                isinstance(r.gain_db, (int, float)) and isinstance(r.bp_gain_db, (int, float, type(None)))
+                for r in self.provenance.stages), "provenance: stage gains must be numbers"),
+            (len(self.norm_values) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                   for v in self.norm_values), f"norm_values {self.norm_values}"),
+        ]
+        wrong = [why for bad, why in problems if bad]
+        if wrong:
+            raise ValueError("; ".join(wrong))
 
 
 def _build(cls: Any, data: Any) -> Any:

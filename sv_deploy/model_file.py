@@ -97,15 +97,16 @@ def load_model(path: os.PathLike | str):
     try:  # the checksum holds, so a config that does not parse comes from a newer or foreign writer
         config = ModelConfig.from_json(meta["config"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path}: its config cannot be read ({exc}); use the sv-deploy release that made it") from None
+        raise UserError(f"{path}: its config cannot be read ({exc}); use the sv-deploy release that made it, "
+                        "or get a fresh copy") from None
     stages = []
     for i, factors in enumerate(config.stages):
-        stage = SVStage(factors, config.arch)
         prefix = f"stage{i}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
+            stage = SVStage(factors, config.arch)
             stage.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise UserError(f"{path}: weights do not match the stored config ({exc})") from None
         stages.append(stage)
     return config, stages, meta["sha256"]

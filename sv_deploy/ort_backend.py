@@ -42,7 +42,10 @@ def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
 
 
 def onnx_config(model: onnx.ModelProto) -> ModelConfig:
-    return ModelConfig.from_json(onnx_graph.read_metadata(model)["config"])
+    try:
+        return ModelConfig.from_json(onnx_graph.read_metadata(model)["config"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"this export's model config cannot be read ({exc}); export the .svmodel again") from None
 
 
 def session_options(threads: Optional[int] = None):
@@ -110,8 +113,8 @@ class OnnxRuntimeBackend:
         if CUDA in _names(providers) and CUDA not in active:
             # get_available_providers lists what the package was built with, not what loads here
             if device.startswith("cuda"):
-                raise UserError(f"ONNX Runtime could not start its CUDA execution provider (its CUDA/cuDNN "
-                                f"libraries do not load); use --device cpu, or an onnxruntime-gpu built for this CUDA")
+                raise UserError("ONNX Runtime could not start its CUDA execution provider (its CUDA/cuDNN "
+                                "libraries do not load); use --device cpu, or an onnxruntime-gpu built for this CUDA")
             log("warning: ONNX Runtime could not start its CUDA execution provider; running on CPU")
         self.name = f"onnxruntime ({'cuda' if CUDA in active else 'cpu'}, {'fp16' if self.dtype == np.float16 else 'fp32'})"
         self._providers, self._opts = providers, opts

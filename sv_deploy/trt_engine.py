@@ -231,7 +231,10 @@ class TensorRTBackend:
                 register_plugin()
             except UserError:  # no Triton here: an AOT engine runs without it (TensorRT's plugin docs)
                 pass
-        self.config = ModelConfig.from_json(self.manifest.config)
+        try:
+            self.config = ModelConfig.from_json(self.manifest.config)
+        except ValueError as exc:
+            raise UserError(f"{path}: the model config in it cannot be read ({exc}); rebuild the engine") from None
         self.tile = self.manifest.tile  # tiles beyond the engine's profiles cannot run
         self.dtype = torch.float16 if self.manifest.precision == "fp16" else torch.float32
         logger = trt.Logger(trt.Logger.WARNING)

@@ -64,3 +64,27 @@ def test_a_model_file_is_readable_like_any_new_file(tmp_path):
 
     save_model(tmp_path / "m.svmodel", ModelConfig(stages=((2, 2, 2),)), [SVStage((2, 2, 2))])
     assert stat.S_IMODE((tmp_path / "m.svmodel").stat().st_mode) == 0o666 & ~volume_io._UMASK
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"stages": [[1000, 1000, 1000]]}, "factors 1-8"),
+    ({"stages": []}, "1 to 4 stages"),
+    ({"arch": None}, "config cannot be read"),
+    ({"axes": "Q"}, "ZYX or YX"),
+])
+def test_a_config_out_of_range_is_refused_before_a_network_is_built(model_file, tmp_path, edit, words):
+    """The checksum is not a signature: a config edited and the checksum recomputed must still be
+    refused in one line, not build a network of any size it asks for."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sv_deploy.model_file import _checksum
+
+    meta = read_header(model_file)
+    tensors = load_file(str(model_file))
+    config = json.dumps({**json.loads(meta["config"]), **edit})
+    crafted = tmp_path / "crafted.svmodel"
+    save_file(tensors, str(crafted), metadata={**meta, "config": config, "sha256": _checksum(config, tensors)})
+    with pytest.raises(UserError, match=words):
+        load_model(crafted)
