@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
@@ -75,6 +76,16 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     from .export import save_onnx, to_onnx
 
     path = cache_path(sha256, folded=folded)
+    if not _private(path.parent):
+        log(f"not using the export cache {path.parent}: other users can write to it (what it holds is what "
+            f"infer would run); set {ENV} to a folder of your own")
+        return to_onnx(config, stages, sha256, folded_ensemble=folded)
+    if path.is_file() and not _private(path):
+        log(f"cached export {path} is not a plain file of your own; exporting again")
+        try:
+            path.unlink()
+        except OSError:
+            return to_onnx(config, stages, sha256, folded_ensemble=folded)
     if path.is_file():
         model = _matches(path, sha256, folded)
         if model is not None:
@@ -84,7 +95,7 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     log("exporting the model to ONNX once for ONNX Runtime (the faster CPU path)")
     model = to_onnx(config, stages, sha256, folded_ensemble=folded)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_onnx(model, path)
         log(f"cached the export at {path} (set {ENV} to move it)")
         for old in least_recently_used(path.parent.glob("*.onnx"), KEEP_ENTRIES):
@@ -92,6 +103,20 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     except OSError as exc:
         log(f"could not cache the export ({exc.strerror or exc}); it stays in memory for this run")
     return model
+
+
+def _private(path: Path) -> bool:
+    """Whether only this user can have written `path` (absent counts: it will be created so).
+
+    The cache is trusted to hold the model's own export (its digest and source checksum are
+    checked, but anyone can recompute those), so a folder or entry others can write to is not used."""
+    if not hasattr(os, "getuid"):  # Windows: per-user profile folders
+        return True
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return True
+    return st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and not st.st_mode & 0o022
 
 
 def least_recently_used(entries: Iterable[Path], keep: int) -> List[Path]:

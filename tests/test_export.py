@@ -236,6 +236,30 @@ def test_the_export_cache_keeps_the_most_recently_used_entries(tmp_path):
     assert onnx_cache.least_recently_used(entries, 5) == []
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX owners and modes")
+def test_an_export_cache_others_can_write_to_is_not_used(tmp_path, monkeypatch):
+    """What the cache holds is what infer runs: a folder or entry others could have written is not trusted."""
+    import os
+
+    from sv_deploy import onnx_cache
+    from sv_deploy.config import ArchConfig, ModelConfig
+
+    monkeypatch.setenv(onnx_cache.ENV, str(tmp_path / "cache"))
+    arch = ArchConfig(mid_layers=0)
+    config, stages = ModelConfig(stages=((2, 2, 2),), arch=arch), [SVStage((2, 2, 2), arch)]
+    logs = []
+    onnx_cache.cached_export(config, stages, "1" * 64, log=logs.append)
+    entry = onnx_cache.cache_path("1" * 64)
+    assert entry.is_file() and (entry.parent.stat().st_mode & 0o077) == 0  # made private
+    os.chmod(entry, 0o666)  # an entry others could have replaced: exported again, and private
+    onnx_cache.cached_export(config, stages, "1" * 64, log=logs.append)
+    assert "not a plain file of your own" in logs[-3] and (entry.stat().st_mode & 0o022) == 0
+    os.chmod(entry.parent, 0o777)  # a shared folder: not used at all
+    before = entry.stat().st_mtime_ns
+    model = onnx_cache.cached_export(config, stages, "1" * 64, log=logs.append)
+    assert "other users can write to it" in logs[-1] and model.graph.node and entry.stat().st_mtime_ns == before
+
+
 def test_prelu_as_max_and_min_is_exact_for_any_slope():
     """ONNX Runtime's CPU path runs PRelu as Mul + Max (+ Min for slopes above 1): every slope
     sign and size must give the network's own output."""
