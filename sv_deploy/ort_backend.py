@@ -101,13 +101,20 @@ class OnnxRuntimeBackend:
         self.dtype = np.float16 if onnx_graph.is_fp16(model) else np.float32
         providers = pick_providers(device)
         opts = session_options(threads)
-        count = len(onnx_graph.stage_tensors(model)) - 1
-        if providers == [CPU] and self.dtype == np.float32:  # the same function, faster on the CPU kernels
-            model = onnx_graph.prelu_as_max(model)
-        parts = [onnx_graph.extract_stage(model, i) for i in range(count)]
-        self.sessions = [
-            ort.InferenceSession(p.SerializeToString(), sess_options=opts, providers=providers) for p in parts
-        ]
+        try:
+            count = len(onnx_graph.stage_tensors(model)) - 1
+            if providers == [CPU] and self.dtype == np.float32:  # the same function, faster on the CPU kernels
+                model = onnx_graph.prelu_as_max(model)
+            parts = [onnx_graph.extract_stage(model, i) for i in range(count)]
+            self.sessions = [
+                ort.InferenceSession(p.SerializeToString(), sess_options=opts, providers=providers) for p in parts
+            ]
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnx's and ONNX Runtime's errors share no base class
+            # the digest holds (checked on load), so the graph came from another writer or was made by hand
+            raise UserError(f"ONNX Runtime cannot run this export ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); export the .svmodel again") from None
         self._chain = None
         active = self.sessions[0].get_providers()
         if CUDA in _names(providers) and CUDA not in active:

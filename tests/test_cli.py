@@ -465,3 +465,16 @@ def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_pa
     other = tmp_path / "notes.json"
     other.write_text('{"hello": 1}')
     assert_one_line_error(run("info", other), "not an sv-deploy engine manifest")
+
+
+def test_an_export_onnx_runtime_cannot_run_is_one_error_line(model_file, lr_file, tmp_path):
+    """Fields the export's digest leaves out (the opset) edited: refused in one line, no traceback."""
+    import onnx
+
+    assert run("export", model_file, "-o", tmp_path / "exp").exit_code == 0
+    graph = onnx.load(str(tmp_path / "exp" / "small.onnx"))
+    graph.opset_import[0].version = 1
+    onnx.save(graph, str(tmp_path / "bad.onnx"))
+    out = tmp_path / "o.ome.tif"
+    assert_one_line_error(run("infer", tmp_path / "bad.onnx", lr_file, "-o", out), "ONNX Runtime cannot run this export")
+    assert not out.exists()
