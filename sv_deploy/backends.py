@@ -129,12 +129,19 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
             raise UserError(f"{path} is a TensorRT engine manifest; use --backend tensorrt or pass the .onnx file")
         if kind == "svmodel":
             from .model_file import load_model
+            from .export import to_onnx
             from .onnx_cache import cached_export
-            from .ort_backend import CPU, pick_providers
+            from .ort_backend import CPU, ExportWillNotRun, pick_providers
 
             config, stages, digest = load_model(path)
             folded = ensemble and pick_providers(device) == [CPU]
-            runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log, folded=folded), device=device, log=log)
+            try:
+                runner = OnnxRuntimeBackend(cached_export(config, stages, digest, log, folded=folded), device=device,
+                                            log=log)
+            except ExportWillNotRun:
+                log("the cached export does not load; exporting again, in memory")  # damaged in the cache
+                runner = OnnxRuntimeBackend(to_onnx(config, stages, digest, folded_ensemble=folded), device=device,
+                                            log=log)
         else:
             runner = OnnxRuntimeBackend(path, device=device, log=log)
         return runner.config, runner

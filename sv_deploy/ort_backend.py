@@ -41,6 +41,10 @@ def load_onnx(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     return model
 
 
+class ExportWillNotRun(UserError):
+    """ONNX Runtime refused a graph whose digest holds (a cached export damaged, or a foreign one)."""
+
+
 def onnx_config(model: onnx.ModelProto) -> ModelConfig:
     try:
         return ModelConfig.from_json(onnx_graph.read_metadata(model)["config"])
@@ -113,7 +117,7 @@ class OnnxRuntimeBackend:
             raise
         except Exception as exc:  # noqa: BLE001 - onnx's and ONNX Runtime's errors share no base class
             # the digest holds (checked on load), so the graph came from another writer or was made by hand
-            raise UserError(f"ONNX Runtime cannot run this export ({type(exc).__name__}: "
+            raise ExportWillNotRun(f"ONNX Runtime cannot run this export ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); export the .svmodel again") from None
         self._chain = None
         active = self.sessions[0].get_providers()

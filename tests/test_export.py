@@ -287,3 +287,21 @@ def test_prelu_slopes_within_one_need_no_min():
     graph = to_onnx(ModelConfig(stages=((1, 2, 2),)), [SVStage((1, 2, 2)).eval()], "3" * 64)
     ops = [n.op_type for n in onnx_graph.prelu_as_max(graph).graph.node]
     assert "PRelu" not in ops and "Max" in ops and "Min" not in ops
+
+
+def test_a_cached_export_onnx_runtime_refuses_is_exported_again(model_file, tmp_path, monkeypatch):
+    import onnx
+
+    from sv_deploy import onnx_cache
+    from sv_deploy.backends import open_backend
+
+    monkeypatch.setenv(onnx_cache.ENV, str(tmp_path / "cache"))
+    logs = []
+    open_backend(str(model_file), "onnxruntime", "cpu", log=logs.append, ensemble=False)
+    entry = next((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    graph = onnx.load(str(entry))
+    graph.opset_import[0].version = 1  # outside the digest: the entry still "matches"
+    onnx.save(graph, str(entry))
+    config, runner = open_backend(str(model_file), "onnxruntime", "cpu", log=logs.append, ensemble=False)
+    assert "the cached export does not load; exporting again, in memory" in logs
+    assert runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32)).shape == (1, 1, 8, 16, 16)
