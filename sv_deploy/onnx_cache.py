@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
@@ -21,6 +20,7 @@ import onnx
 import torch
 
 from . import __version__, onnx_graph
+from .volume_io import written_only_by_me
 
 ENV = "SV_DEPLOY_CACHE"
 KEEP_ENTRIES = 32  # exports kept, the most recently used; each is a few MB and quick to remake
@@ -76,11 +76,11 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     from .export import save_onnx, to_onnx
 
     path = cache_path(sha256, folded=folded)
-    if not _private(path.parent):
+    if not written_only_by_me(path.parent):
         log(f"not using the export cache {path.parent}: other users can write to it (what it holds is what "
             f"infer would run); set {ENV} to a folder of your own")
         return to_onnx(config, stages, sha256, folded_ensemble=folded)
-    if path.is_file() and not _private(path):
+    if path.is_file() and not written_only_by_me(path):
         log(f"cached export {path} is not a plain file of your own; exporting again")
         try:
             path.unlink()
@@ -103,20 +103,6 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
     except OSError as exc:
         log(f"could not cache the export ({exc.strerror or exc}); it stays in memory for this run")
     return model
-
-
-def _private(path: Path) -> bool:
-    """Whether only this user can have written `path` (absent counts: it will be created so).
-
-    The cache is trusted to hold the model's own export (its digest and source checksum are
-    checked, but anyone can recompute those), so a folder or entry others can write to is not used."""
-    if not hasattr(os, "getuid"):  # Windows: per-user profile folders
-        return True
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return True
-    return st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and not st.st_mode & 0o022
 
 
 def least_recently_used(entries: Iterable[Path], keep: int) -> List[Path]:

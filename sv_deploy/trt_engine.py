@@ -24,7 +24,7 @@ from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
 from .trt_plan import (EngineManifest, Profile, check_compatible, engine_paths, profile_error, shuffle_layer_error,
                        stage_profiles, timing_cache_name, version_error, without_plugin)
-from .volume_io import atomic_output
+from .volume_io import atomic_output, written_only_by_me
 
 PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
 _registered = False
@@ -178,7 +178,10 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     if manifest_path.exists() and not overwrite:
         raise UserError(f"{manifest_path} already exists; pass --overwrite to rebuild")
     cache_path = outdir / timing_cache_name(trt.__version__, capability)
-    cache = cache_path.read_bytes() if cache_path.exists() else b""
+    trusted = written_only_by_me(cache_path) and written_only_by_me(outdir)  # TensorRT deserializes it
+    if cache_path.exists() and not trusted:
+        log(f"not reading the timing cache {cache_path}: other users can write to it; starting a new one")
+    cache = cache_path.read_bytes() if cache_path.is_file() and trusted else b""
     logger = trt.Logger(trt.Logger.WARNING)
     names = []
     for i, profile in enumerate(profiles):

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import stat
 import tempfile
 import threading
 import xml.etree.ElementTree as ET
@@ -363,6 +364,21 @@ def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         except OSError:  # a share gone away: the error that got us here is the one to report
             pass
+
+
+def written_only_by_me(path: Path) -> bool:
+    """Whether only this user can have written `path` (absent counts: it would be created so).
+
+    For files whose content runs or decides what runs (the export cache, a TensorRT timing cache):
+    their digests can be recomputed by anyone, so a file or folder others can write to is not
+    trusted."""
+    if not hasattr(os, "getuid"):  # Windows: per-user profile folders
+        return True
+    try:
+        st = Path(path).lstat()
+    except FileNotFoundError:
+        return True
+    return st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and not st.st_mode & 0o022
 
 
 def _read_umask() -> int:

@@ -275,3 +275,19 @@ def test_the_temporary_output_is_never_a_link_someone_planted(tmp_path):
             assert tmp.is_file() and not tmp.is_symlink()
             raise RuntimeError("the writer failed")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["o.ome.tif", "victim.txt"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX owners and modes")
+def test_files_others_can_write_are_told_apart(tmp_path):
+    import os
+
+    from sv_deploy.volume_io import written_only_by_me
+
+    mine = tmp_path / "mine"
+    mine.write_bytes(b"x")
+    os.chmod(mine, 0o644)
+    assert written_only_by_me(mine) and written_only_by_me(tmp_path / "absent")
+    os.chmod(mine, 0o664)
+    assert not written_only_by_me(mine)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    assert not written_only_by_me(tmp_path / "link")
