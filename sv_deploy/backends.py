@@ -37,13 +37,24 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class TorchBackend:
-    """With `fold_ensemble`, each network pass computes the whole 8-way ensemble (`model.fold_ensemble`)."""
+    """With `fold_ensemble`, each network pass computes the whole 8-way ensemble (`model.fold_ensemble`).
 
-    def __init__(self, stages: Sequence[SVStage], device: torch.device, fold_ensemble: bool = False):
-        self.name = f"torch ({device.type})"
+    With `compile`, the stages run through torch.compile (inductor: fused element-wise kernels
+    between the convolutions), compiled once per pass shape; where compiling fails (no C++
+    compiler, no Triton for the GPU) it says so once and goes on eagerly, the same result."""
+
+    def __init__(self, stages: Sequence[SVStage], device: torch.device, fold_ensemble: bool = False,
+                 compile: bool = False, log=None):
         self.device = device
         self.folded_ensemble = fold_ensemble
         self.stages: List[SVStage] = [s.to(device).eval() for s in (fold_stages(stages) if fold_ensemble else stages)]
+        self._eager = self.stages
+        self._log = log or (lambda message: None)
+        self._shapes = set()  # (stage, pass shape) already compiled
+        if compile:
+            self.stages = compile_stages(self.stages)
+        self.compiled, self.compile_failure = compile, None
+        self.name = f"torch {'compiled ' if compile else ''}({device.type})"
         self._per_sample = device.type == "cpu"
         self.transfers = None  # TransferTimes on CUDA: host->device, compute, device->host
         if device.type == "cuda":
@@ -60,6 +71,25 @@ class TorchBackend:
         return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
+        if self.compiled:
+            shape = (stage, (1,) + x.shape[1:] if self._per_sample else x.shape)
+            if shape not in self._shapes:
+                self._shapes.add(shape)
+                self._log(f"compiling stage {stage + 1} for passes of {'x'.join(map(str, shape[1][2:]))} voxels "
+                          "(once per pass shape; seconds to minutes)")
+            try:
+                return self._predict(stage, x)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                if "out of memory" in str(exc).lower():
+                    raise  # the caller retries with smaller passes
+                self.compile_failure = _first_line(exc)
+                self._log(f"warning: torch.compile failed here ({self.compile_failure}); running the network "
+                          "uncompiled (the same result, slower)")
+                self.stages, self.compiled = self._eager, False
+                self.name = f"torch ({self.device.type})"
+        return self._predict(stage, x)
+
+    def _predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             if self.transfers is not None:
                 return run_on_gpu(x, self.stages[stage], self.device, self._stream, self._staging, self.transfers)
@@ -72,6 +102,21 @@ class TorchBackend:
         """One sample: on 2 cores oneDNN ran these passes faster one by one than batched (the 3D
         ensemble 4.06 -> 3.60 s, 2D 0.94 -> 0.42 s; BENCH.md, session 7)."""
         return self.stages[stage](torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def compile_stages(stages: Sequence[SVStage]) -> list:
+    """torch.compile'd stages with static shapes, one compile per pass shape: with dynamic=True,
+    torch 2.13's inductor fails on this network's 3D convolutions from the second shape on
+    ("Invalid ranges [0:-1]"; BENCH.md, session 14). A tiled volume has a few dozen pass shapes at
+    most (both stages, edge tiles, the ensemble's transposed members), above dynamo's default
+    limit of 8 recompiles, past which it would silently run the rest eagerly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return [torch.compile(s, dynamic=False) for s in stages]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -104,24 +149,29 @@ def auto_backend(kind: str, device: str) -> str:
     return "onnxruntime"
 
 
-def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print, ensemble: bool = False):
+def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print, ensemble: bool = False,
+                 compile: bool = False):
     """(ModelConfig, Backend) for a model file: .svmodel (torch or onnxruntime), .onnx, or an engine manifest.
 
     With `ensemble`, a .svmodel on ONNX Runtime's CPU path runs the self-ensemble folded into one
     network pass (the same result; 3D full recipe 148 -> 122 s on 2 cores, BENCH.md session 11);
     such a backend then only serves runs with the ensemble. torch keeps eight passes: its grouped
     3D convolutions made the folded network slower on the CPU (216 -> 308 s), and no GPU has
-    measured either way."""
+    measured either way. `compile` (torch only; with backend auto it picks torch for a .svmodel)
+    runs the network through torch.compile."""
     kind = model_kind(path)
+    if compile and (kind != "svmodel" or backend not in ("auto", "torch")):
+        raise UserError(f"--compile applies to a .svmodel run on --backend torch, not to "
+                        f"{'--backend ' + backend if kind == 'svmodel' else path}; drop --compile")
     if backend == "auto":
-        backend = auto_backend(kind, device)
+        backend = "torch" if compile else auto_backend(kind, device)
     if backend == "torch":
         if kind != "svmodel":
             raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")
         from .model_file import load_model
 
         config, stages, _ = load_model(path)
-        return config, TorchBackend(stages, pick_device(device))
+        return config, TorchBackend(stages, pick_device(device), compile=compile, log=log)
     if backend == "onnxruntime":
         from .ort_backend import OnnxRuntimeBackend
 

@@ -257,13 +257,10 @@ def _compiled(stages, quick: bool) -> dict:
         from .backends import TorchBackend
 
         torch._dynamo.reset()  # a model compiled for an earlier task otherwise breaks this one's guards
-        # Static shapes, one compile per pass shape: with dynamic=True, torch 2.13's inductor fails
-        # on this network's 3D convolutions from the second shape on ("Invalid ranges [0:-1]";
-        # BENCH.md, session 14). A tiled volume has a few dozen pass shapes at most.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        runner = TorchBackend([torch.compile(s.to(device), dynamic=False) for s in _copies(stages)], device)
+        runner = TorchBackend(_copies(stages), device, compile=True)
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
-        runner.name = name
+        if not runner.compiled:  # it went on uncompiled
+            raise RuntimeError(runner.compile_failure)
         return {"name": runner.name, "available": True, "runner": runner}
     except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available here"
         return {"name": name, "available": False, "reason": f"torch.compile failed: {str(exc).splitlines()[0][:120]}"}

@@ -64,6 +64,12 @@ def read_input(path, read: ReadOptions) -> Volume:
     return vol
 
 
+def _ensemble_state(options: InferenceOptions, stages: int) -> str:
+    if not options.ensemble:
+        return "off"
+    return "on" if len(options.interpolate) < stages else "unused (every stage runs as interpolation)"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """MemoryError, torch's CUDA OOM, and ONNX Runtime's allocation failures all mean: retry smaller (see `shrink_after_oom`)."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
@@ -166,7 +172,7 @@ def enhance_file(
                 "from the free memory")
     log(
         f"enhancing {input_path}: {'x'.join(map(str, x.shape))} -> {'x'.join(map(str, shape))} (z,y,x) with "
-        f"{runner.name}, ensemble {'on' if options.ensemble else 'off'}, back-projection {options.bp_iters} it, "
+        f"{runner.name}, ensemble {_ensemble_state(options, len(config.stages))}, back-projection {options.bp_iters} it, "
         f"tile {'x'.join(map(str, tile))}, network passes of up to {options.block:,} voxels"
     )
     value_range = valid_range(vol.dtype, low, high, vol.data.min())

@@ -443,6 +443,16 @@ def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path
     assert not out.exists()
 
 
+def test_compile_is_refused_where_it_does_not_apply(model_file, lr_file, tmp_path):
+    out = tmp_path / "o.ome.tif"
+    assert_one_line_error(run("infer", model_file, lr_file, "-o", out, "--compile", "--backend", "onnxruntime"),
+                          "--compile", "--backend torch")
+    assert run("export", model_file, "-o", tmp_path / "export").exit_code == 0
+    onnx = next((tmp_path / "export").glob("*.onnx"))
+    assert_one_line_error(run("infer", onnx, lr_file, "-o", out, "--compile"), "--compile", onnx.name)
+    assert not out.exists()
+
+
 def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_path):
 
     from sv_deploy.model_file import read_header

@@ -1,0 +1,54 @@
+"""torch.compile as `infer --compile` runs it: the same enhancement as eager, or eager with a warning."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sv_deploy.backends import TorchBackend
+from sv_deploy.config import ArchConfig
+from sv_deploy.enhance import InferenceOptions, enhance_volume
+
+CPU = torch.device("cpu")
+
+
+def _enhance(runner, volume):
+    options = InferenceOptions(ensemble=True, bp_iters=2, tile=volume.shape)
+    return enhance_volume(runner, ((2, 2, 2),), ArchConfig(), volume, options)
+
+
+def test_compiled_enhancement_equals_eager_and_compiles_once_per_pass_shape(trained_small, tmp_path, monkeypatch):
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: inductor cannot compile for the CPU here")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled now, not taken from an earlier run
+    torch._dynamo.reset()
+    stage, _, x, _ = trained_small
+    volume = np.ascontiguousarray(x[:8, :24, :32])  # y != x: the ensemble's transposed members are a second shape
+    notes = []
+    compiled = TorchBackend([copy.deepcopy(stage)], CPU, compile=True, log=notes.append)
+    got = _enhance(compiled, volume)
+    want = _enhance(TorchBackend([stage], CPU), volume)
+    assert compiled.compiled and compiled.name == "torch compiled (cpu)", notes
+    assert np.abs(got - want).max() <= 1e-5 * float(np.ptp(want))
+    assert sum("compiling stage 1" in n for n in notes) == 2, notes  # 8 members, two pass shapes
+    assert not any(n.startswith("warning") for n in notes), notes
+
+
+def test_a_compile_failure_runs_uncompiled_and_says_why(trained_small, tmp_path, monkeypatch):
+    """A real failure: inductor pointed at a C++ compiler that does not exist (as on a PC without one)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    stage, _, x, _ = trained_small
+    volume = np.ascontiguousarray(x[:6, :20, :20])  # a shape no other test compiles (no in-memory kernel to reuse)
+    notes = []
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-compiler"))}):
+        runner = TorchBackend([copy.deepcopy(stage)], CPU, compile=True, log=notes.append)
+        got = _enhance(runner, volume)
+    assert not runner.compiled and runner.name == "torch (cpu)"
+    assert runner.compile_failure and "compiler" in runner.compile_failure.lower(), runner.compile_failure
+    assert [n for n in notes if n.startswith("warning: torch.compile failed")], notes
+    np.testing.assert_array_equal(got, _enhance(TorchBackend([stage], CPU), volume))
