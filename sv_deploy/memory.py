@@ -7,6 +7,7 @@ by the output" is a number the CLI can choose and a test can check.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from math import ceil, prod
 from typing import Optional, Sequence
@@ -189,9 +190,15 @@ def may_read_ahead(file_bytes: int, available: int) -> bool:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-HEAP_MAP_THRESHOLD = 1 << 20  # during inference
-# After it, where glibc's moving thresholds end on 64-bit: mmap at 32 MiB, heap trimmed above 64 MiB.
-AFTER_MAP_THRESHOLD, AFTER_TRIM_THRESHOLD = 32 << 20, 64 << 20
+# Where glibc's moving thresholds end on 64-bit: mmap at 32 MiB, heap trimmed above 64 MiB.
+MAX_MAP_THRESHOLD, MAX_TRIM_THRESHOLD = 32 << 20, 64 << 20
+MIN_MAP_THRESHOLD = 1 << 20
+
+
+def map_threshold(budget: int) -> int:
+    """Allocation size from which glibc should map (and on freeing unmap) blocks under a memory
+    limit: 1/64 of it, so what its heap keeps stays small beside the limit, between 1 and 32 MiB."""
+    return int(min(MAX_MAP_THRESHOLD, max(MIN_MAP_THRESHOLD, budget // 64)))
 
 
 def _mallopt(param: int, size: int) -> bool:
@@ -208,25 +215,34 @@ def _mallopt(param: int, size: int) -> bool:
 
 
 def returns_freed_memory(func):
-    """Run `func` with glibc giving allocations of 1 MiB or more their own mappings, returned to the
-    system when freed.
+    """Under --max-memory (`max_memory`), run `func` with glibc mapping allocations of
+    `map_threshold(max_memory)` or more on their own, returned to the system when freed.
 
     By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
     which same-sized tile arrays come from its heap and stay there when freed: one streaming run
     grew peak RSS by 60-124 MiB against 33-36 MiB with the threshold at 1 MiB (BENCH.md, session
-    15), past a 56 MiB budget. The setting is process-wide and glibc never lets its threshold move
-    again once set, so afterwards it is set where the moving one ends (32 MiB, heap trimmed above
-    64 MiB): training at 1 MiB took 1.6-1.9x as long, at these settings as long as before. Nothing
-    changes where the C library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (theirs stands)."""
+    15), past a 56 MiB budget. But every mapped block costs fresh zeroed pages: at 1 MiB throughout,
+    torch's 2D full recipe took 2.3-2.8x as long and ONNX Runtime's about 1.1x (BENCH.md, session
+    18), hence a threshold scaled to the limit and none without one (then the budget is half the
+    free memory and what the heap keeps is small beside it). The setting is process-wide and glibc
+    never lets its threshold move again once set, so afterwards it is set where the moving one ends
+    (32 MiB, heap trimmed above 64 MiB): training at 1 MiB took 1.6-1.9x as long, at these settings
+    as long as before. Nothing changes where the C library is not glibc or the user set
+    MALLOC_MMAP_THRESHOLD_ (theirs stands)."""
+    signature = inspect.signature(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        fixed = _mallopt(M_MMAP_THRESHOLD, HEAP_MAP_THRESHOLD)
+        budget = signature.bind(*args, **kwargs).arguments.get("max_memory")
+        threshold = map_threshold(budget) if budget else None
+        fixed = threshold is not None and _mallopt(M_MMAP_THRESHOLD, threshold)
+        if fixed:
+            _mallopt(M_TRIM_THRESHOLD, 2 * threshold)
         try:
             return func(*args, **kwargs)
         finally:
             if fixed:
-                _mallopt(M_MMAP_THRESHOLD, AFTER_MAP_THRESHOLD)
-                _mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
+                _mallopt(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD)
+                _mallopt(M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)
 
     return wrapper
