@@ -14,8 +14,8 @@ import torch
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance_file import ReadOptions, is_out_of_memory, output_name, shrink_after_oom
 from sv_deploy.errors import UserError
-from sv_deploy.memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, least_budget, parse_size,
-                              plan_bytes)
+from sv_deploy.memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, least_budget, map_threshold,
+                              parse_size, plan_bytes)
 from sv_deploy.pipeline import Aborted, ReadAhead, write_behind
 from sv_deploy.volume_io import read_volume, write_volume
 from sv_deploy.progress import LogProgress
@@ -205,6 +205,15 @@ def test_sizes_and_names():
     assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert is_out_of_memory(RuntimeError("GET was unable to find an engine to execute this computation"))
     assert is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB"))
+
+
+def test_the_heap_threshold_under_a_memory_limit_scales_with_it():
+    """Blocks from 1/64 of --max-memory up are returned when freed; never below 1 MiB (each mapped
+    block costs fresh pages) nor above glibc's own 32 MiB ceiling."""
+    assert map_threshold(56 * 2**20) == 2**20
+    assert map_threshold(2**30) == 16 * 2**20
+    assert map_threshold(2 * 2**30) == map_threshold(64 * 2**30) == 32 * 2**20
+    assert map_threshold(1) == 2**20
 
 
 def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, monkeypatch):
