@@ -19,7 +19,11 @@ from . import shuffle_op
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads at most IR 13; TensorRT 10 parsers want <= 10
 META_FORMAT = "sv-deploy-onnx"
 META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision", "folded_ensemble",
-             "source_sha256", "versions", "sha256")
+             "source_sha256", "versions", "digest_scope", "sha256")
+# What the digest covers beyond graph, functions and metadata: "model" adds the IR version and the
+# opsets the graph is read with (a changed opset changes what its operators mean). Exports without
+# the key (older releases) are checked as they were made; the key is itself under the digest.
+DIGEST_SCOPE = "model"
 
 
 def shuffle_function(opset: int) -> onnx.FunctionProto:
@@ -96,6 +100,7 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
         model.opset_import.append(helper.make_opsetid(shuffle_op.DOMAIN, 1))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     metadata = {k: v for k, v in metadata.items() if k != "sha256"}
+    metadata["digest_scope"] = DIGEST_SCOPE
     metadata["sha256"] = digest(model, metadata)
     del model.metadata_props[:]
     helper.set_model_props(model, {f"sv_deploy.{k}": v for k, v in metadata.items()})
@@ -104,14 +109,19 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
 
 
 def digest(model: onnx.ModelProto, metadata: Dict[str, str]) -> str:
-    """SHA-256 of the graph, its functions and our metadata (all but this digest).
+    """SHA-256 of the graph, its functions, our metadata (all but this digest) and, with
+    `digest_scope` "model", the IR version and opsets.
 
     An ONNX file is plain protobuf that any tool can edit; the digest lets a reader refuse an export
-    whose weights or stored config were changed afterwards, as the .svmodel checksum does.
+    whose weights, stored config or operator versions were changed afterwards, as the .svmodel
+    checksum does.
     """
     h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
     for function in model.functions:
         h.update(function.SerializeToString(deterministic=True))
+    if metadata.get("digest_scope") == DIGEST_SCOPE:
+        opsets = sorted((o.domain, o.version) for o in model.opset_import)
+        h.update(json.dumps(["model", model.ir_version, opsets]).encode())
     for key in sorted(metadata):
         if key != "sha256":
             h.update(json.dumps([key, metadata[key]]).encode())

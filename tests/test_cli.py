@@ -296,12 +296,24 @@ def test_an_edited_export_or_model_is_refused_by_infer_and_info(model_file, lr_f
         init = next(i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
 
+    def older_opset(graph):  # the same graph read under another opset: its operators could mean other things
+        next(o for o in graph.opset_import if o.domain in ("", "ai.onnx")).version -= 1
+
+    def older_ir(graph):
+        graph.ir_version -= 1
+
+    def unscoped(graph):  # dropping the scope key would check it as an older release's export
+        keep = [p for p in graph.metadata_props if p.key != "sv_deploy.digest_scope"]
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(keep)
+
     config = json.loads(next(p.value for p in onnx.load(str(exported)).metadata_props if p.key == "sv_deploy.config"))
     config["stages"] = [[1, 2, 2]]
     for path in (edited("garbage.onnx", set_prop("sv_deploy.config", "garbage")),
                  edited("stages.onnx", set_prop("sv_deploy.config", json.dumps(config))),
                  edited("tensors.onnx", set_prop("sv_deploy.stage_tensors", "xx")),
-                 edited("weights.onnx", scale_weights)):
+                 edited("weights.onnx", scale_weights), edited("opset.onnx", older_opset),
+                 edited("ir.onnx", older_ir), edited("unscoped.onnx", unscoped)):
         assert_one_line_error(run("info", path), "fails its checksum")
         out = tmp_path / f"{path.stem}.ome.tif"
         assert_one_line_error(run("infer", path, lr_file, "-o", out), "fails its checksum", path.name)

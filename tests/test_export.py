@@ -76,6 +76,24 @@ def test_metadata_describes_the_model(x4_onnx, x4):
     assert "torch" in meta["versions"] and "onnx" in meta["versions"]
 
 
+def test_an_export_of_an_older_release_is_still_checked_as_it_was_made(x2_onnx):
+    """Exports written before the digest covered opsets carry no digest_scope: their digest over
+    graph, functions and metadata still verifies, and still catches a changed weight."""
+    meta = onnx_graph.verify(x2_onnx)
+    assert meta["digest_scope"] == onnx_graph.DIGEST_SCOPE
+    older = copy.deepcopy(x2_onnx)
+    old_meta = {k: v for k, v in meta.items() if k not in ("digest_scope", "sha256")}
+    old_meta["sha256"] = onnx_graph.digest(older, old_meta)
+    del older.metadata_props[:]
+    onnx.helper.set_model_props(older, {f"sv_deploy.{k}": v for k, v in old_meta.items()})
+    assert onnx_graph.verify(older)["sha256"] == old_meta["sha256"]
+    assert onnx_graph.digest(older, old_meta) != onnx_graph.digest(older, {**old_meta, "digest_scope": "model"})
+    weight = next(i for i in older.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) + 1, weight.name))
+    with pytest.raises(ValueError, match="changed after export"):
+        onnx_graph.verify(older)
+
+
 def test_dynamic_axes(x2_onnx):
     dims = x2_onnx.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["N", 1, "D", "H", "W"]
