@@ -41,7 +41,8 @@ class TorchBackend:
 
     With `compile`, the stages run through torch.compile (inductor: fused element-wise kernels
     between the convolutions), compiled once per pass shape; where compiling fails (no C++
-    compiler, no Triton for the GPU) it says so once and goes on eagerly, the same result."""
+    compiler, no Triton for the GPU, more pass shapes than dynamo allows) it says so once and goes
+    on uncompiled, the same result."""
 
     def __init__(self, stages: Sequence[SVStage], device: torch.device, fold_ensemble: bool = False,
                  compile: bool = False, log=None):
@@ -49,8 +50,8 @@ class TorchBackend:
         self.folded_ensemble = fold_ensemble
         self.stages: List[SVStage] = [s.to(device).eval() for s in (fold_stages(stages) if fold_ensemble else stages)]
         self._eager = self.stages
-        self._log = log or (lambda message: None)
-        self._shapes = set()  # (stage, pass shape) already compiled
+        self.log = log or (lambda message: None)
+        self._shapes = set()  # pass shapes compiled so far
         if compile:
             self.stages = compile_stages(self.stages)
         self.compiled, self.compile_failure = compile, None
@@ -72,22 +73,45 @@ class TorchBackend:
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         if self.compiled:
-            shape = (stage, (1,) + x.shape[1:] if self._per_sample else x.shape)
-            if shape not in self._shapes:
+            # Keyed on the shape alone: the stages share one forward, and a graph compiled for one
+            # stage serves another with the same pass shape.
+            shape = (1,) + x.shape[1:] if self._per_sample else x.shape
+            first = shape not in self._shapes
+            if first:
                 self._shapes.add(shape)
-                self._log(f"compiling stage {stage + 1} for passes of {'x'.join(map(str, shape[1][2:]))} voxels "
-                          "(once per pass shape; seconds to minutes)")
+                self.log(f"compiling the network for passes of {'x'.join(map(str, shape[2:]))} voxels "
+                         "(once per pass shape; seconds to minutes)")
             try:
                 return self._predict(stage, x)
-            except torch._dynamo.exc.TorchDynamoException as exc:
-                if "out of memory" in str(exc).lower():
-                    raise  # the caller retries with smaller passes
-                self.compile_failure = _first_line(exc)
-                self._log(f"warning: torch.compile failed here ({self.compile_failure}); running the network "
-                          "uncompiled (the same result, slower)")
-                self.stages, self.compiled = self._eager, False
-                self.name = f"torch ({self.device.type})"
+            except Exception as exc:
+                self._after_compile_error(exc, first)
         return self._predict(stage, x)
+
+    def _after_compile_error(self, exc: Exception, first: bool) -> None:
+        """Raise what the caller must see (out of memory: it retries with smaller passes; an error
+        of a shape compiled before), else go on uncompiled. A compiler failure, the recompile limit,
+        or anything the first pass of a shape raised (a kernel that fails to launch) falls back: the
+        uncompiled rerun raises again if the error was not the compiler's."""
+        from .enhance_file import is_out_of_memory
+
+        errors = torch._dynamo.exc
+        inner = getattr(exc, "inner_exception", None)
+        if isinstance(inner, MemoryError):
+            raise inner from exc  # host memory ran out while compiling
+        if is_out_of_memory(exc):
+            raise exc
+        limit = isinstance(exc, getattr(errors, "FailOnRecompileLimitHit", ()))  # () in older torch
+        if not (limit or first or isinstance(exc, errors.BackendCompilerFailed)):
+            raise exc
+        most = getattr(torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT)
+        self._fall_back(f"more than {most} pass shapes" if limit else _first_line(exc))
+
+    def _fall_back(self, why: str) -> None:
+        self.compile_failure = why
+        self.log(f"warning: torch.compile failed here ({why}); running the network uncompiled (the same "
+                 "result, slower)")
+        self.stages, self.compiled = self._eager, False
+        self.name = f"torch ({self.device.type})"
 
     def _predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -104,14 +128,60 @@ class TorchBackend:
         return self.stages[stage](torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
+RECOMPILE_LIMIT = 256
+
+
 def compile_stages(stages: Sequence[SVStage]) -> list:
     """torch.compile'd stages with static shapes, one compile per pass shape: with dynamic=True,
     torch 2.13's inductor fails on this network's 3D convolutions from the second shape on
-    ("Invalid ranges [0:-1]"; BENCH.md, session 14). A tiled volume has a few dozen pass shapes at
-    most (both stages, edge tiles, the ensemble's transposed members), above dynamo's default
-    limit of 8 recompiles, past which it would silently run the rest eagerly."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    ("Invalid ranges [0:-1]"; BENCH.md, session 14).
+
+    A tiled volume has up to a few dozen pass shapes (edge tiles, the ensemble's transposed
+    members), counted together for all stages; more with --watch over files of several sizes or
+    smaller passes after out-of-memory. Past the limit dynamo would run new shapes uncompiled
+    without a word: it raises instead, so the backend says so. Compiled kernels are cached in a
+    folder of the user's own, as the ONNX export cache (inductor's default, under /tmp, is not)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # torch 2.7 renamed it
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+            break
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4 * RECOMPILE_LIMIT))
+            break
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+    _private_inductor_cache()
     return [torch.compile(s, dynamic=False) for s in stages]
+
+
+def _private_inductor_cache() -> None:
+    """Point inductor at <sv-deploy cache>/torchinductor unless the user chose a folder: its
+    compiled code is loaded and run, and its default folder under /tmp can be made by anyone.
+    (Importing torch._dynamo already sets the variable to that default, so only another value
+    counts as the user's.)"""
+    import getpass
+    import os
+    import tempfile
+
+    from .onnx_cache import cache_dir
+    from .volume_io import written_only_by_me
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    except (KeyError, OSError, ModuleNotFoundError):
+        default = None
+    if chosen and (default is None or os.path.abspath(chosen) != os.path.abspath(default)):
+        return
+    folder = cache_dir() / "torchinductor"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return
+    if written_only_by_me(folder) and written_only_by_me(folder.parent):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def _first_line(exc: BaseException) -> str:

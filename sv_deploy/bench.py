@@ -181,7 +181,7 @@ def backends(config, stages, quick: bool, workdir: Path, log, sha256: str = "0" 
     found.append({"name": "torch eager (cuda)", "available": cuda, "reason": None if cuda else "no CUDA GPU",
                   "runner": TorchBackend(_copies(stages), torch.device("cuda")) if cuda else None})
     compiled = f"torch compiled ({'cuda' if cuda else 'cpu'})"
-    found.append(_compiled(stages, quick) if chosen(compiled, only) else _not_picked(compiled))
+    found.append(_compiled(stages, quick, log) if chosen(compiled, only) else _not_picked(compiled))
     try:
         import onnxruntime as ort
 
@@ -248,7 +248,7 @@ def _copies(stages):
     return [copy.deepcopy(s) for s in stages]
 
 
-def _compiled(stages, quick: bool) -> dict:
+def _compiled(stages, quick: bool, log=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"torch compiled ({device.type})"
     if quick:
@@ -257,10 +257,11 @@ def _compiled(stages, quick: bool) -> dict:
         from .backends import TorchBackend
 
         torch._dynamo.reset()  # a model compiled for an earlier task otherwise breaks this one's guards
-        runner = TorchBackend(_copies(stages), device, compile=True)
+        runner = TorchBackend(_copies(stages), device, compile=True)  # quiet while it is tried
         runner.predict(0, np.zeros((1, 1, 4, 8, 8), np.float32))
         if not runner.compiled:  # it went on uncompiled
             raise RuntimeError(runner.compile_failure)
+        runner.log = log or runner.log  # compiling and any fallback during the timed runs, on screen
         return {"name": runner.name, "available": True, "runner": runner}
     except Exception as exc:  # noqa: BLE001 - any compiler failure means "not available here"
         return {"name": name, "available": False, "reason": f"torch.compile failed: {str(exc).splitlines()[0][:120]}"}

@@ -208,6 +208,8 @@ def _mallopt(param: int, size: int) -> bool:
 
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
+    if param == M_TRIM_THRESHOLD and "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False  # the user's stands
     try:
         return ctypes.CDLL("libc.so.6").mallopt(param, size) == 1
     except (OSError, AttributeError):
@@ -228,7 +230,7 @@ def returns_freed_memory(func):
     never lets its threshold move again once set, so afterwards it is set where the moving one ends
     (32 MiB, heap trimmed above 64 MiB): training at 1 MiB took 1.6-1.9x as long, at these settings
     as long as before. Nothing changes where the C library is not glibc or the user set
-    MALLOC_MMAP_THRESHOLD_ (theirs stands)."""
+    MALLOC_MMAP_THRESHOLD_ (theirs stands; so does their MALLOC_TRIM_THRESHOLD_)."""
     signature = inspect.signature(func)
 
     @functools.wraps(func)

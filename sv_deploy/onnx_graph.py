@@ -19,11 +19,11 @@ from . import shuffle_op
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads at most IR 13; TensorRT 10 parsers want <= 10
 META_FORMAT = "sv-deploy-onnx"
 META_KEYS = ("format", "config", "stages", "factors", "stage_tensors", "halo", "precision", "folded_ensemble",
-             "source_sha256", "versions", "digest_scope", "sha256")
-# What the digest covers beyond graph, functions and metadata: "model" adds the IR version and the
-# opsets the graph is read with (a changed opset changes what its operators mean). Exports without
-# the key (older releases) are checked as they were made; the key is itself under the digest.
-DIGEST_SCOPE = "model"
+             "source_sha256", "versions", "sha256", "model_sha256")
+# sha256 covers graph, functions and metadata, as every release has checked it (so older releases
+# still read newer exports); model_sha256 covers sha256 with the IR version and the opsets the graph
+# is read with (a changed opset changes what its operators mean). Exports of releases before it
+# have no model_sha256 and are checked over what they covered.
 
 
 def shuffle_function(opset: int) -> onnx.FunctionProto:
@@ -99,9 +99,9 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
     if not any(o.domain == shuffle_op.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(shuffle_op.DOMAIN, 1))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    metadata = {k: v for k, v in metadata.items() if k != "sha256"}
-    metadata["digest_scope"] = DIGEST_SCOPE
+    metadata = {k: v for k, v in metadata.items() if k not in ("sha256", "model_sha256")}
     metadata["sha256"] = digest(model, metadata)
+    metadata["model_sha256"] = model_digest(model, metadata["sha256"])
     del model.metadata_props[:]
     helper.set_model_props(model, {f"sv_deploy.{k}": v for k, v in metadata.items()})
     onnx.checker.check_model(model, full_check=True)
@@ -109,32 +109,35 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
 
 
 def digest(model: onnx.ModelProto, metadata: Dict[str, str]) -> str:
-    """SHA-256 of the graph, its functions, our metadata (all but this digest) and, with
-    `digest_scope` "model", the IR version and opsets.
+    """SHA-256 of the graph, its functions and our metadata (all but the digests).
 
     An ONNX file is plain protobuf that any tool can edit; the digest lets a reader refuse an export
-    whose weights, stored config or operator versions were changed afterwards, as the .svmodel
-    checksum does.
+    whose weights or stored config were changed afterwards, as the .svmodel checksum does.
     """
     h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
     for function in model.functions:
         h.update(function.SerializeToString(deterministic=True))
-    if metadata.get("digest_scope") == DIGEST_SCOPE:
-        opsets = sorted((o.domain, o.version) for o in model.opset_import)
-        h.update(json.dumps(["model", model.ir_version, opsets]).encode())
     for key in sorted(metadata):
-        if key != "sha256":
+        if key not in ("sha256", "model_sha256"):
             h.update(json.dumps([key, metadata[key]]).encode())
     return h.hexdigest()
 
 
+def model_digest(model: onnx.ModelProto, sha256: str) -> str:
+    """SHA-256 of `digest` with the IR version and the opsets."""
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
+    return hashlib.sha256(json.dumps(["model", sha256, model.ir_version, opsets]).encode()).hexdigest()
+
+
 def verify(model: onnx.ModelProto) -> Dict[str, str]:
-    """Our metadata, once the digest over graph, weights and metadata matches (ValueError if not)."""
+    """Our metadata, once the digests over graph, weights, metadata and opsets match (ValueError if not)."""
     meta = read_metadata(model)
     if "sha256" not in meta:
         raise ValueError("it has no checksum (made by an older sv-deploy)")
     if digest(model, meta) != meta["sha256"]:
         raise ValueError("its graph, weights or metadata were changed after export")
+    if "model_sha256" in meta and model_digest(model, meta["sha256"]) != meta["model_sha256"]:
+        raise ValueError("its IR version or operator set versions were changed after export")
     return meta
 
 

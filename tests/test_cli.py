@@ -302,10 +302,6 @@ def test_an_edited_export_or_model_is_refused_by_infer_and_info(model_file, lr_f
     def older_ir(graph):
         graph.ir_version -= 1
 
-    def unscoped(graph):  # dropping the scope key would check it as an older release's export
-        keep = [p for p in graph.metadata_props if p.key != "sv_deploy.digest_scope"]
-        del graph.metadata_props[:]
-        graph.metadata_props.extend(keep)
 
     config = json.loads(next(p.value for p in onnx.load(str(exported)).metadata_props if p.key == "sv_deploy.config"))
     config["stages"] = [[1, 2, 2]]
@@ -313,7 +309,7 @@ def test_an_edited_export_or_model_is_refused_by_infer_and_info(model_file, lr_f
                  edited("stages.onnx", set_prop("sv_deploy.config", json.dumps(config))),
                  edited("tensors.onnx", set_prop("sv_deploy.stage_tensors", "xx")),
                  edited("weights.onnx", scale_weights), edited("opset.onnx", older_opset),
-                 edited("ir.onnx", older_ir), edited("unscoped.onnx", unscoped)):
+                 edited("ir.onnx", older_ir), edited("model_sum.onnx", set_prop("sv_deploy.model_sha256", "0" * 64))):
         assert_one_line_error(run("info", path), "fails its checksum")
         out = tmp_path / f"{path.stem}.ome.tif"
         assert_one_line_error(run("infer", path, lr_file, "-o", out), "fails its checksum", path.name)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sv_deploy.backends import TorchBackend
+from sv_deploy.backends import TorchBackend, open_backend
 from sv_deploy.config import ArchConfig
 from sv_deploy.enhance import InferenceOptions, enhance_volume
 
@@ -21,7 +21,8 @@ def _enhance(runner, volume):
     return enhance_volume(runner, ((2, 2, 2),), ArchConfig(), volume, options)
 
 
-def test_compiled_enhancement_equals_eager_and_compiles_once_per_pass_shape(trained_small, tmp_path, monkeypatch):
+def test_compiled_enhancement_equals_eager_and_compiles_once_per_pass_shape(model_file, trained_small, tmp_path,
+                                                                           monkeypatch):
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler: inductor cannot compile for the CPU here")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled now, not taken from an earlier run
@@ -29,13 +30,35 @@ def test_compiled_enhancement_equals_eager_and_compiles_once_per_pass_shape(trai
     stage, _, x, _ = trained_small
     volume = np.ascontiguousarray(x[:8, :24, :32])  # y != x: the ensemble's transposed members are a second shape
     notes = []
-    compiled = TorchBackend([copy.deepcopy(stage)], CPU, compile=True, log=notes.append)
+    _, compiled = open_backend(str(model_file), "auto", "cpu", log=notes.append, compile=True)  # auto: torch
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = _enhance(compiled, volume)
     want = _enhance(TorchBackend([stage], CPU), volume)
     assert compiled.compiled and compiled.name == "torch compiled (cpu)", notes
     assert np.abs(got - want).max() <= 1e-5 * float(np.ptp(want))
-    assert sum("compiling stage 1" in n for n in notes) == 2, notes  # 8 members, two pass shapes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # 8 members, two pass shapes
+    assert sum("compiling the network" in n for n in notes) == 2, notes
     assert not any(n.startswith("warning") for n in notes), notes
+
+
+def test_past_the_recompile_limit_it_says_so_and_runs_uncompiled(trained_small, tmp_path, monkeypatch):
+    """Dynamo alone would run every shape past its limit uncompiled without a word."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: inductor cannot compile for the CPU here")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    stage, _, x, _ = trained_small
+    notes = []
+    runner = TorchBackend([copy.deepcopy(stage)], CPU, compile=True, log=notes.append)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    first = np.ascontiguousarray(x[None, None, :4, :12, :12])
+    runner.predict(0, first)
+    assert runner.compiled
+    second = np.ascontiguousarray(x[None, None, :4, :12, :14])
+    got = runner.predict(0, second)
+    assert not runner.compiled and "pass shapes" in runner.compile_failure, notes
+    assert [n for n in notes if n.startswith("warning: torch.compile failed")], notes
+    np.testing.assert_array_equal(got, TorchBackend([stage], CPU).predict(0, second))
 
 
 def test_a_compile_failure_runs_uncompiled_and_says_why(trained_small, tmp_path, monkeypatch):

@@ -216,6 +216,26 @@ def test_the_heap_threshold_under_a_memory_limit_scales_with_it():
     assert map_threshold(1) == 2**20
 
 
+def test_the_heap_threshold_is_fixed_only_under_a_memory_limit(monkeypatch):
+    """What `enhance_file` asks of glibc: nothing without --max-memory (mapping every block slowed
+    torch 2.6x), the scaled threshold under one, passed by position as the CLI passes it, and
+    glibc's own end values afterwards."""
+    from sv_deploy import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda param, size: calls.append((param, size)) or True)
+
+    @memory.returns_freed_memory
+    def work(path, max_memory=None):
+        return list(calls)
+
+    assert work("a") == [] and calls == []
+    assert work("a", 56 * 2**20) == [(memory.M_MMAP_THRESHOLD, 2**20), (memory.M_TRIM_THRESHOLD, 2**21)]
+    assert calls[2:] == [(memory.M_MMAP_THRESHOLD, 32 * 2**20), (memory.M_TRIM_THRESHOLD, 64 * 2**20)]
+    calls.clear()
+    assert work("a", max_memory=4 * 2**30)[0] == (memory.M_MMAP_THRESHOLD, 32 * 2**20)
+
+
 def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, monkeypatch):
     """The plan counts the input (`plan_bytes`); a budget measured after loading it would count it
     twice and refuse volumes that fit."""
