@@ -99,13 +99,18 @@ def finish(model: onnx.ModelProto, metadata: Dict[str, str]) -> onnx.ModelProto:
     if not any(o.domain == shuffle_op.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(shuffle_op.DOMAIN, 1))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    seal(model, metadata)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def seal(model: onnx.ModelProto, metadata: Dict[str, str]) -> None:
+    """Write `metadata` into the model with its digests over the model as it is now."""
     metadata = {k: v for k, v in metadata.items() if k not in ("sha256", "model_sha256")}
     metadata["sha256"] = digest(model, metadata)
     metadata["model_sha256"] = model_digest(model, metadata["sha256"])
     del model.metadata_props[:]
     helper.set_model_props(model, {f"sv_deploy.{k}": v for k, v in metadata.items()})
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def digest(model: onnx.ModelProto, metadata: Dict[str, str]) -> str:

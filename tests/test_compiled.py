@@ -50,12 +50,12 @@ def test_past_the_recompile_limit_it_says_so_and_runs_uncompiled(trained_small, 
     stage, _, x, _ = trained_small
     notes = []
     runner = TorchBackend([copy.deepcopy(stage)], CPU, compile=True, log=notes.append)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     first = np.ascontiguousarray(x[None, None, :4, :12, :12])
-    runner.predict(0, first)
-    assert runner.compiled
     second = np.ascontiguousarray(x[None, None, :4, :12, :14])
-    got = runner.predict(0, second)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        runner.predict(0, first)
+        assert runner.compiled
+        got = runner.predict(0, second)
     assert not runner.compiled and "pass shapes" in runner.compile_failure, notes
     assert [n for n in notes if n.startswith("warning: torch.compile failed")], notes
     np.testing.assert_array_equal(got, TorchBackend([stage], CPU).predict(0, second))

@@ -319,11 +319,7 @@ def test_a_cached_export_onnx_runtime_refuses_is_exported_again(model_file, tmp_
     graph = onnx.load(str(entry))
     # a graph ONNX Runtime cannot run whose digests were recomputed (another writer, or by hand)
     next(n for n in graph.graph.node if n.op_type == "Conv").op_type = "NoSuchOp"
-    meta = {k: v for k, v in onnx_graph.read_metadata(graph).items() if k not in ("sha256", "model_sha256")}
-    meta["sha256"] = onnx_graph.digest(graph, meta)
-    meta["model_sha256"] = onnx_graph.model_digest(graph, meta["sha256"])
-    del graph.metadata_props[:]
-    onnx.helper.set_model_props(graph, {f"sv_deploy.{k}": v for k, v in meta.items()})
+    onnx_graph.seal(graph, onnx_graph.read_metadata(graph))
     onnx.save(graph, str(entry))
     onnx_graph.verify(onnx.load(str(entry)))  # the entry "matches"
     config, runner = open_backend(str(model_file), "onnxruntime", "cpu", log=logs.append, ensemble=False)
