@@ -75,3 +75,24 @@ def test_a_compile_failure_runs_uncompiled_and_says_why(trained_small, tmp_path,
     assert runner.compile_failure and "compiler" in runner.compile_failure.lower(), runner.compile_failure
     assert [n for n in notes if n.startswith("warning: torch.compile failed")], notes
     np.testing.assert_array_equal(got, _enhance(TorchBackend([stage], CPU), volume))
+
+
+def test_compiled_code_is_kept_in_a_folder_of_the_users_own(tmp_path, monkeypatch):
+    """Inductor's default folder under /tmp can be made by anyone, and what it holds is loaded and
+    run; a folder the user chose is left as it is."""
+    import getpass
+    import os
+    import stat
+    import tempfile
+
+    from sv_deploy.backends import compile_stages
+
+    monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    compile_stages([])
+    ours = tmp_path / "cache" / "torchinductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ours)
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o700
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_stages([])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
