@@ -53,7 +53,7 @@ class TorchBackend:
         self.log = log or (lambda message: None)
         self._shapes = set()  # pass shapes compiled so far
         if compile:
-            self.stages = compile_stages(self.stages)
+            self.stages = compile_stages(self.stages, self.log)
         self.compiled, self.compile_failure = compile, None
         self.name = f"torch {'compiled ' if compile else ''}({device.type})"
         self._per_sample = device.type == "cpu"
@@ -131,7 +131,7 @@ class TorchBackend:
 RECOMPILE_LIMIT = 256
 
 
-def compile_stages(stages: Sequence[SVStage]) -> list:
+def compile_stages(stages: Sequence[SVStage], log=lambda message: None) -> list:
     """torch.compile'd stages with static shapes, one compile per pass shape: with dynamic=True,
     torch 2.13's inductor fails on this network's 3D convolutions from the second shape on
     ("Invalid ranges [0:-1]"; BENCH.md, session 14).
@@ -152,11 +152,11 @@ def compile_stages(stages: Sequence[SVStage]) -> list:
             break
     if hasattr(config, "fail_on_recompile_limit_hit"):
         config.fail_on_recompile_limit_hit = True
-    _private_inductor_cache()
+    _private_inductor_cache(log)
     return [torch.compile(s, dynamic=False) for s in stages]
 
 
-def _private_inductor_cache() -> None:
+def _private_inductor_cache(log) -> None:
     """Point inductor at <sv-deploy cache>/torchinductor unless the user chose a folder: its
     compiled code is loaded and run, and its default folder under /tmp can be made by anyone.
     (Importing torch._dynamo already sets the variable to that default, so only another value
@@ -164,6 +164,7 @@ def _private_inductor_cache() -> None:
     import getpass
     import os
     import tempfile
+    from pathlib import Path
 
     from .onnx_cache import cache_dir
     from .volume_io import written_only_by_me
@@ -178,10 +179,14 @@ def _private_inductor_cache() -> None:
     folder = cache_dir() / "torchinductor"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private = written_only_by_me(folder) and written_only_by_me(folder.parent)
     except OSError:
-        return
-    if written_only_by_me(folder) and written_only_by_me(folder.parent):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        private = False
+    if not private:  # a fresh folder of this run's own (left to the system's temp cleaning)
+        log(f"not keeping compiled code in {folder}: it cannot be made, or other users can write to it; set "
+            "TORCHINDUCTOR_CACHE_DIR to a folder of your own to keep it between runs")
+        folder = Path(tempfile.mkdtemp(prefix="sv-deploy-inductor-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def _first_line(exc: BaseException) -> str:

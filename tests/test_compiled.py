@@ -88,7 +88,8 @@ def test_compiled_code_is_kept_in_a_folder_of_the_users_own(tmp_path, monkeypatc
     from sv_deploy.backends import compile_stages
 
     monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # what torch sets at import
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)
     compile_stages([])
     ours = tmp_path / "cache" / "torchinductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ours)
@@ -96,3 +97,12 @@ def test_compiled_code_is_kept_in_a_folder_of_the_users_own(tmp_path, monkeypatc
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compile_stages([])
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    # our folder made writable by others (a shared cache setting): a private folder of this run's own
+    ours.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)
+    notes = []
+    compile_stages([], notes.append)
+    fresh = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert fresh not in (default, str(ours)) and stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    assert notes and "other users can write" in notes[0], notes
+    os.rmdir(fresh)
