@@ -128,16 +128,17 @@ def pixel_shuffle3d(x, factors: Sequence[int], epilogue: Epilogue = Epilogue(), 
     return out
 
 
-def compile_plain(dtype: str, factors: Sequence[int], target=None):
+def compile_plain(dtype: str, factors: Sequence[int], target=None, ptx_version: Optional[int] = None):
     """Ahead-of-time compile the plain kernel for one dtype ("fp32"/"fp16") and factor set.
 
     Returns Triton's compiled kernel (`.asm["ptx"]`, `.metadata.name`, `.metadata.num_warps`,
-    `.metadata.shared`); `target` (a triton GPUTarget) allows compiling without a GPU present.
+    `.metadata.shared`); `target` (a triton GPUTarget) allows compiling without a GPU present;
+    `ptx_version` (87 = ISA 8.7) caps the PTX for an older driver (`aot.compile_for_aot`).
     """
     rz, ry, rx = (int(f) for f in factors)
     signature = {"x_ptr": f"*{dtype}", "n_out": "i32", "channels": "i32", "depth": "i32", "height": "i32",
                  "width": "i32", "y_ptr": f"*{dtype}"}
     constexprs = {"RZ": rz, "RY": ry, "RX": rx, "BLOCK": BLOCK}
     src = triton.compiler.ASTSource(fn=pixel_shuffle3d_kernel, signature=signature, constexprs=constexprs)
-    options = {"num_warps": NUM_WARPS}
+    options = {"num_warps": NUM_WARPS} if ptx_version is None else {"num_warps": NUM_WARPS, "ptx_version": ptx_version}
     return triton.compile(src, target=target, options=options) if target else triton.compile(src, options=options)

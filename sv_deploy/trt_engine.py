@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: `tensorrt.plugin` reads the plugin
 annotations as classes (`inspect.signature`), and postponed (string) annotations make it fail.
 """
 
+import functools
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from .trt_plan import (EngineManifest, Profile, check_compatible, engine_paths, 
 from .volume_io import atomic_output, written_only_by_me
 
 PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
+KERNEL_PARAMS = 7  # what TensorRT passes the AOT kernel: input, (n_out, channels, depth, height, width), output
 _registered = False
 
 
@@ -61,12 +63,7 @@ def register_plugin() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    try:
-        from .kernels import pixel_shuffle3d as kernel
-    except ImportError as exc:
-        raise UserError(f"building an engine with our pixel-shuffle plugin compiles its Triton kernel, and "
-                        f"{exc.name or 'triton'} cannot be imported; pip install 'triton>=3.3' (or use "
-                        "--no-plugin for TensorRT's own ops)") from None
+    kernel = _kernel_module()
 
     @trtp.register(PLUGIN_ID)
     def pixel_shuffle3d_desc(inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32]) -> trtp.TensorDesc:
@@ -100,7 +97,7 @@ def register_plugin() -> None:
             inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32], outputs: Tup[trtp.TensorDesc], tactic: int
         ) -> Tup[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
             dtype = "fp16" if inp0.dtype == trt.float16 else "fp32"
-            compiled = kernel.compile_plain(dtype, [int(f) for f in factors])
+            compiled = aot_kernel(dtype, tuple(int(f) for f in factors))
             out = outputs[0].shape_expr
             inp = inp0.shape_expr
             params = trtp.KernelLaunchParams()
@@ -114,6 +111,34 @@ def register_plugin() -> None:
             return compiled.metadata.name, compiled.asm["ptx"], params, extra
 
     _registered = True
+
+
+def _kernel_module():
+    try:
+        from .kernels import pixel_shuffle3d
+    except ImportError as exc:
+        raise UserError(f"building an engine with our pixel-shuffle plugin compiles its Triton kernel, and "
+                        f"{exc.name or 'triton'} cannot be imported; pip install 'triton>=3.3' (or use "
+                        "--no-plugin for TensorRT's own ops)") from None
+    return pixel_shuffle3d
+
+
+@functools.lru_cache(maxsize=None)
+def aot_kernel(dtype: str, factors: Tuple[int, int, int]):
+    """Our kernel compiled for this GPU at a PTX ISA its driver loads, checked to be launchable by
+    TensorRT (`kernels.aot`). Called before a build, so a kernel TensorRT could not run is a clear
+    error here rather than a failed build or a fault when the engine first runs."""
+    kernel = _kernel_module()
+    from .kernels import aot
+
+    try:
+        return aot.compile_for_aot(lambda isa: kernel.compile_plain(dtype, factors, ptx_version=isa),
+                                   KERNEL_PARAMS, aot.cuda_driver_version())
+    except ValueError as exc:
+        import triton
+
+        raise UserError(f"TensorRT could not launch our pixel-shuffle kernel as Triton {triton.__version__} "
+                        f"compiles it ({exc}); export with --no-plugin (TensorRT's own ops)") from None
 
 
 def _gpu() -> Tuple[str, Tuple[int, int]]:
@@ -167,9 +192,12 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     """One engine per stage (ensemble and back-projection run between stages) plus a JSON manifest."""
     trt = require_tensorrt()
     gpu_name, capability = _gpu()
+    config = ModelConfig.from_json(onnx_graph.read_metadata(graph)["config"])
     if plugin:
         register_plugin()
-    config = ModelConfig.from_json(onnx_graph.read_metadata(graph)["config"])
+        for factors in config.stages:  # the plugin's autotune offers both types
+            for dtype in ("fp32", "fp16"):
+                aot_kernel(dtype, tuple(int(f) for f in factors))
     profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble,
                               planar=config.axes == "YX")
     outdir = onnx_path.parent

@@ -1,0 +1,97 @@
+"""The Triton kernel as a TensorRT AOT plugin embeds it: PTX a driver loads, launchable with
+TensorRT's arguments (`kernels.aot`). Compiled for an H100 (sm_90) without a GPU.
+
+Compiled in a fresh process: test_kernel.py may have put Triton in interpreter mode, which cannot
+compile.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from sv_deploy.kernels.aot import driver_ptx_limit, ptx_isa  # noqa: E402
+
+SCRIPT = """
+import json
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from sv_deploy.kernels import aot
+from sv_deploy.kernels.pixel_shuffle3d import compile_plain
+
+H100 = GPUTarget("cuda", 90, 32)
+
+@triton.jit
+def descriptor_copy(x_ptr, n, y_ptr, BLOCK: tl.constexpr):  # an on-device TMA descriptor needs global scratch
+    desc = tl.make_tensor_descriptor(x_ptr, shape=[n], strides=[1], block_shape=[BLOCK])
+    tl.store(y_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), desc.load([tl.program_id(0) * BLOCK]))
+
+def ours(isa):
+    return compile_plain("fp16", (1, 2, 2), target=H100, ptx_version=isa)
+
+def for_driver(version):
+    try:
+        compiled = aot.compile_for_aot(ours, 7, version)
+    except ValueError as exc:
+        return {"isa": None, "error": str(exc)}
+    return {"isa": aot.ptx_isa(compiled.asm["ptx"]), "error": None}
+
+tma = triton.compile(triton.compiler.ASTSource(fn=descriptor_copy, constexprs={"BLOCK": 64},
+                     signature={"x_ptr": "*fp32", "n": "i32", "y_ptr": "*fp32"}), target=H100)
+own = ours(None)
+print(json.dumps({
+    "own_isa": aot.ptx_isa(own.asm["ptx"]),
+    "own": aot.launch_problems(own.metadata, own.asm["ptx"], 7),
+    "own_given_5": aot.launch_problems(own.metadata, own.asm["ptx"], 5),
+    "tma": aot.launch_problems(tma.metadata, tma.asm["ptx"], 3),
+    "drivers": {str(v): for_driver(v) for v in (None, 12040, 11080)},
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    script = tmp_path_factory.mktemp("aot") / "compile_for_h100.py"  # Triton reads a kernel's source from its file
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_our_kernel_reads_only_what_tensorrt_passes(compiled):
+    assert compiled["own"] == []
+    # The check sees parameter reads: told TensorRT passes only 5, the scalar and output reads show.
+    assert compiled["own_given_5"] == ["it reads hidden parameter(s) [5, 6] that TensorRT passes as null"]
+
+
+def test_a_kernel_that_needs_scratch_memory_is_refused(compiled):
+    assert any("global scratch memory" in p for p in compiled["tma"])
+    assert "it reads hidden parameter(s) [3] that TensorRT passes as null" in compiled["tma"]
+
+
+def test_ptx_is_compiled_for_the_driver(compiled):
+    drivers = compiled["drivers"]
+    assert drivers["None"] == {"isa": compiled["own_isa"], "error": None}  # no driver known: Triton's own ISA
+    assert compiled["own_isa"] > 84  # else the next line shows nothing
+    assert drivers["12040"] == {"isa": 84, "error": None}  # a CUDA 12.4 driver loads up to ISA 8.4
+    # sm_90 PTX needs ISA 7.8 at least (sm_90a, which Triton targets, 8.0): a CUDA 11.8 driver cannot load it.
+    assert drivers["11080"]["isa"] is None and "update the NVIDIA driver" in drivers["11080"]["error"]
+
+
+def test_driver_isa_limits_agree_with_triton():
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    for major, minors in ((11, range(0, 9)), (12, range(0, 10)), (13, range(0, 3))):
+        for minor in minors:
+            assert driver_ptx_limit(major * 1000 + minor * 10) == ptx_get_version(f"{major}.{minor}"), (major, minor)
+    assert (driver_ptx_limit(12080), driver_ptx_limit(13000)) == (87, 90)  # NVIDIA's PTX ISA table
+
+
+def test_ptx_isa_reads_the_version_line():
+    assert ptx_isa("//\n.version 8.7\n.target sm_90a\n") == 87
+    assert ptx_isa(".target sm_90a\n") is None
