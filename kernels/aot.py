@@ -72,6 +72,8 @@ def launch_problems(metadata: Any, ptx: str, passed_params: int) -> List[str]:
     """Why TensorRT's AOT launch could not run this compiled kernel (empty: it can).
 
     `passed_params`: how many parameters TensorRT passes (inputs + extra scalars + outputs).
+    Triton before 3.5 lacks some metadata fields (they count as unused here); the PTX check does not
+    depend on them: a kernel that uses scratch memory reads the pointer TensorRT leaves null.
     """
     name = metadata.name
     problems = [f"it needs {what} ({field} = {getattr(metadata, field)})"

@@ -23,13 +23,14 @@ from . import onnx_graph, shuffle_op
 from .config import ModelConfig
 from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
-from .trt_plan import (EngineManifest, Profile, check_compatible, engine_paths, profile_error, shuffle_layer_error,
-                       stage_profiles, timing_cache_name, version_error, without_plugin)
+from .trt_plan import (EngineManifest, Profile, check_compatible, engine_paths, plugin_size_error, profile_error,
+                       shuffle_layer_error, stage_profiles, timing_cache_name, version_error, without_plugin)
 from .volume_io import atomic_output, written_only_by_me
 
 PLUGIN_ID = f"{shuffle_op.DOMAIN}::{shuffle_op.NAME}"
 KERNEL_PARAMS = 7  # what TensorRT passes the AOT kernel: input, (n_out, channels, depth, height, width), output
 _registered = False
+_registration_error = ""  # why TensorRT refused the plugin definition, said again on a retry
 
 
 def require_tensorrt():
@@ -52,18 +53,31 @@ def register_plugin() -> None:
 
     The parser swaps it in for every node that carries plugin_namespace="sv_deploy". With aot_impl
     the engine embeds our Triton kernel's PTX and runs without Python (trtexec, C++); `impl` is the
-    JIT path, used only for nodes that ask for it (attribute aot=0).
+    JIT path, which TensorRT uses only for a node whose `aot` attribute is 0 (ours have none).
     """
-    global _registered
+    global _registered, _registration_error
     if _registered:
         return
+    if _registration_error:  # TensorRT keeps a name once registered: a second try would only say so
+        raise UserError(_registration_error)
+    kernel = _kernel_module()
+    import tensorrt as trt
+
+    try:
+        _define_plugin(kernel)
+    except Exception as exc:  # TensorRT validates the definitions as they are made
+        _registration_error = (f"TensorRT {trt.__version__} refused our pixel-shuffle plugin's definition "
+                               f"({type(exc).__name__}: {exc}); export with --no-plugin (TensorRT's own ops)")
+        raise UserError(_registration_error) from None
+    _registered = True
+
+
+def _define_plugin(kernel) -> None:
     from typing import Tuple as Tup
 
     import numpy.typing as npt
     import tensorrt as trt
     import tensorrt.plugin as trtp
-
-    kernel = _kernel_module()
 
     @trtp.register(PLUGIN_ID)
     def pixel_shuffle3d_desc(inp0: trtp.TensorDesc, factors: npt.NDArray[np.int32]) -> trtp.TensorDesc:
@@ -109,8 +123,6 @@ def register_plugin() -> None:
                 [trtp.SymInt32(e) for e in (out.numel(), out[1], inp[2], inp[3], inp[4])]
             )
             return compiled.metadata.name, compiled.asm["ptx"], params, extra
-
-    _registered = True
 
 
 def _kernel_module():
@@ -177,8 +189,9 @@ def build_engine(trt, stage_model: onnx.ModelProto, profile: Profile, cache_byte
     if config.add_optimization_profile(opt_profile) < 0:  # -1: TensorRT found the profile invalid
         raise UserError(f"TensorRT refused the optimization profile {profile} for input "
                         f"{tuple(network.get_input(0).shape)} (see its log above)")
-    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
-        log("the saved TensorRT timing cache does not match this GPU; starting a new one")
+    saved = config.create_timing_cache(cache_bytes)
+    if saved is None or not config.set_timing_cache(saved, ignore_mismatch=False):
+        log("the saved TensorRT timing cache cannot be read or does not match this GPU; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -200,6 +213,9 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
                 aot_kernel(dtype, tuple(int(f) for f in factors))
     profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble,
                               planar=config.axes == "YX")
+    problem = plugin_size_error(config.stages, profiles) if plugin else ""
+    if problem:
+        raise UserError(problem)
     outdir = onnx_path.parent
     kind = "plugin" if plugin else "builtin"
     manifest_path = outdir / f"{onnx_path.stem}.{kind}.trt.json"
@@ -258,9 +274,9 @@ class TensorRTBackend:
         gpu_name, capability = _gpu()
         check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path))
         if self.manifest.plugin:
-            try:  # for the JIT fallback (nodes with aot=0); our engines are AOT: their kernel is inside
+            try:  # for the JIT path only (nodes with aot=0); our engines are AOT: their kernel is inside
                 register_plugin()
-            except UserError:  # no Triton here: an AOT engine runs without it (TensorRT's plugin docs)
+            except UserError:  # no Triton here, or a refused definition: an AOT engine runs without it
                 pass
         try:
             self.config = ModelConfig.from_json(self.manifest.config)

@@ -102,6 +102,19 @@ def stage_profiles(stages: Sequence[Factors], arch: ArchConfig, tile: Shape3, bp
     return profiles
 
 
+KERNEL_INDEX_LIMIT = 2**31 - 1  # the kernel's element count is an int32 (TensorRT's AOT scalars are SymInt32)
+
+
+def plugin_size_error(stages: Sequence[Factors], profiles: Sequence[Profile]) -> str:
+    """Why a stage's largest pass is too large for the plugin kernel ('' if none is)."""
+    for i, (factors, profile) in enumerate(zip(stages, profiles)):
+        voxels = int(np.prod(profile.max, dtype=np.int64)) * int(np.prod(factors))
+        if voxels > KERNEL_INDEX_LIMIT:
+            return (f"stage {i + 1}'s largest pass gives {voxels:,} output voxels, more than our plugin kernel "
+                    f"indexes (2^31 - 1); export with a smaller --tile, or with --no-plugin")
+    return ""
+
+
 def plugin_fields(node: onnx.NodeProto) -> Dict[str, np.ndarray]:
     """The fields TensorRT's parser hands our plugin for one PixelShuffle3D node (INTS -> int32).
 
@@ -128,8 +141,9 @@ def without_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy whose shuffle nodes TensorRT can only inline as the ONNX function (its built-in
     Reshape/Transpose path: the baseline the plugin is measured against).
 
-    Dropping plugin_namespace is not enough from TensorRT 10.10 on, whose parser also takes the
-    namespace from the node's domain; so the nodes and their function move to another domain.
+    Without plugin_namespace the parser already inlines the function (it chooses the plugin path by
+    that attribute); the nodes and their function also move to another domain, since TensorRT
+    10.10's plugin fallback reads a namespace from the node's domain too.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

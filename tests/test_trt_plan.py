@@ -22,6 +22,7 @@ from sv_deploy.trt_plan import (
     ensemble_batch,
     fits,
     plugin_fields,
+    plugin_size_error,
     profile_error,
     shuffle_layer_error,
     stage_profiles,
@@ -98,6 +99,21 @@ def test_ensemble_batch_sizes():
 
 def shuffle_node(**attrs):
     return helper.make_node(shuffle_op.NAME, ["x"], ["y"], domain=shuffle_op.DOMAIN, **attrs)
+
+
+def test_passes_too_large_for_the_kernels_int32_count_are_refused_before_a_build():
+    arch, stages = ArchConfig(), ((2, 2, 2), (2, 2, 2))
+
+    def largest_output(tile):  # what the shuffle of each stage writes at most, counted independently
+        profiles = stage_profiles(stages, arch, tile, 10, True)
+        return profiles, [int(np.prod(p.max, dtype=np.int64)) * 8 for p in profiles]
+
+    profiles, voxels = largest_output((32, 96, 96))  # the default tile
+    assert max(voxels) < 2**31 - 1 and plugin_size_error(stages, profiles) == ""
+    profiles, voxels = largest_output((64, 512, 512))
+    assert voxels[0] < 2**31 - 1 < voxels[1]
+    assert plugin_size_error(stages, profiles).startswith("stage 2's largest pass")
+    assert "--no-plugin" in plugin_size_error(stages, profiles)
 
 
 def test_plugin_fields_from_node_attributes():
