@@ -108,13 +108,17 @@ def symmetric_pad(x: torch.Tensor, radii: Sequence[int]) -> torch.Tensor:
     The border rule of the degradation model (`resize.resize_matrix`), so the stage's
     interpolation path equals `resize.upsample` up to the border. Written as slices and a concat:
     plain ONNX Slice/Concat with dynamic shapes; the eager fallback covers axes shorter than
-    their radius, where mirroring wraps more than once.
+    their radius, where mirroring wraps more than once. The exported graph cannot branch on a
+    length: it slices from an edge-padded copy instead, the same wherever the axis holds at least
+    the radius and also where it holds one voxel (whose mirror is that voxel), so an export runs on
+    volumes one voxel thin (the interpolation radius is 2 for every factor).
     """
+    exporting = torch.onnx.is_in_onnx_export()
     for dim, p in zip((2, 3, 4), radii):
         n = x.shape[dim]
         if p == 0:
             continue
-        if not torch.onnx.is_in_onnx_export() and n < p:
+        if not exporting and n < p:
             period = np.concatenate([np.arange(n), np.arange(n)[::-1]])
             index = torch.as_tensor(period[np.mod(np.arange(-p, n + p), 2 * n)], device=x.device)
             x = x.index_select(dim, index)
@@ -122,10 +126,19 @@ def symmetric_pad(x: torch.Tensor, radii: Sequence[int]) -> torch.Tensor:
         # Slices from the ends (no shape arithmetic in the graph, so each stage's sub-graph
         # depends on its own input only; `onnx_graph.extract_stage` relies on that).
         lead = (slice(None),) * dim
-        head = x[lead + (slice(0, p),)].flip(dim)
-        tail = x[lead + (slice(-p, None),)].flip(dim)
+        e = p - 1 if exporting else 0  # edge voxels added on each side first
+        src = edge_pad(x, dim, e) if e else x
+        head = src[lead + (slice(e, e + p),)].flip(dim)
+        tail = src[lead + (slice(-p - e, -e if e else None),)].flip(dim)
         x = torch.cat([head, x, tail], dim=dim)
     return x
+
+
+def edge_pad(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """Repeat the first and last slice of (N, C, D, H, W) along dim `width` times (ONNX Pad, edge)."""
+    pads = [0] * 6
+    pads[2 * (4 - dim)] = pads[2 * (4 - dim) + 1] = width
+    return F.pad(x, pads, mode="replicate")
 
 
 def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

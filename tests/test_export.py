@@ -135,6 +135,17 @@ def test_tiled_ensemble_volume_matches_torch(x2, x2_onnx):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
 
 
+@pytest.mark.parametrize("crop", [np.s_[:6, :20, 7:8], np.s_[:6, 3:4, :20], np.s_[2:3, :20, :18]])
+def test_volumes_one_voxel_thin_run_as_on_torch(x2, x2_onnx, crop):
+    """The graph's mirrored border cannot wrap as torch's does; on one voxel it must not need to."""
+    config, stages, x = x2
+    options = InferenceOptions(ensemble=True, bp_iters=2)
+    volume = np.ascontiguousarray(x[crop])
+    ref = enhance_volume(TorchBackend(stages, torch.device("cpu")), config.stages, config.arch, volume, options)
+    got = enhance_volume(OnnxRuntimeBackend(x2_onnx, device="cpu"), config.stages, config.arch, volume, options)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * value_range(ref))
+
+
 def test_folded_ensemble_runs_the_same_full_recipe_in_one_pass_per_tile(x4):
     """The x4 full recipe (ensemble, back-projection, several tiles) with the ensemble folded
     into the graph and into torch equals the 8 passes per tile; without the ensemble it refuses."""
