@@ -272,8 +272,9 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
         return runner.config, runner
     if backend == "tensorrt":
         if kind != "engine":
+            source = path if kind == "svmodel" else "MODEL.svmodel"  # engines are built from the .svmodel
             raise UserError(
-                f"--backend tensorrt runs an engine; build one with 'sv-deploy export {path} -o DIR --engine' "
+                f"--backend tensorrt runs an engine; build one with 'sv-deploy export {source} -o DIR --engine' "
                 f"and pass its {ENGINE_SUFFIX} manifest"
             )
         from .trt_engine import TensorRTBackend

@@ -36,7 +36,7 @@ from .model import SVStage
 from .normalize import normalize, percentiles
 from .pipeline import ReadAhead
 from .simulate import beads
-from .volume_io import write_volume
+from .volume_io import check_output_folder, write_volume
 
 
 @dataclass(frozen=True)
@@ -444,6 +444,7 @@ def run_bench(outdir: Path, quick: bool = False, training: bool = True, runs: in
     from .enhance_file import ReadOptions
 
     user = [file_task(Path(p), read or ReadOptions(), model) for p in inputs]  # bad input fails here, not after minutes
+    check_output_folder(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {

@@ -190,7 +190,8 @@ def _csv(values) -> str:
                    f"{_csv(_PAPER.patch)} paper].")
 @click.option("--lr", "learning_rate", type=float,
               help=f"Adam learning rate, cosine-decayed [default: {_FAST.lr:g} fast, {_PAPER.lr:g} paper].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; CPU runs with the same seed repeat exactly.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed; CPU runs with the same seed repeat exactly.")
 @click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=TrainConfig.ema, show_default=True,
               help="Decay of the running weight average that is validated and saved (0: the raw weights).")
 @click.option("--mid-layers", type=int, default=ArchConfig.mid_layers, show_default=True, help="Grouped conv layers per stage (m).")
@@ -230,13 +231,15 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     out = check_output_path(output, overwrite)
     if mid_layers < 0 or groups < 1 or 6 % groups:
         raise UserError("--mid-layers must be >= 0 and --groups must divide 6 (1, 2, 3 or 6)")
+    if not math.isfinite(ema):
+        raise UserError(f"--ema {ema} must be a number from 0 to below 1, e.g. 0.99")
+    if any(v is not None and not 0 < v < math.inf for v in (steps, batch, learning_rate)):
+        raise UserError("--steps, --batch and --lr must be positive (and --lr finite, e.g. 1e-3)")
     vol = _read(input_path, axes, channel, time_index, series, voxel_size)
     factors = parse_scale(scale, is_2d=vol.axes == "YX")
     stages = split_stages(factors)
     cfg = TrainConfig.paper(seed) if recipe == "paper" else TrainConfig(seed=seed)
     overrides = {k: v for k, v in dict(steps=steps, batch=batch, patch=patch, lr=learning_rate).items() if v is not None}
-    if any(v <= 0 for v in overrides.values() if not isinstance(v, tuple)):
-        raise UserError("--steps, --batch and --lr must be positive")
     cfg = dataclasses.replace(cfg, ema=ema, **overrides)
     if vol.axes == "YX":
         cfg = dataclasses.replace(cfg, patch=(1, cfg.patch[1], cfg.patch[2]))
@@ -283,11 +286,25 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     digest = save_model(out, config, trained)
     click.echo(f"wrote {out} ({provenance.duration_s:.0f} s of training; file checksum {digest[:12]}, which "
                "covers the training record too, so it differs between runs)", err=True)
-    from .enhance_file import output_name
+    from .enhance_file import ReadOptions, output_name
 
-    beside = Path(input_path).parent / output_name(input_path, factors)  # where infer would put it: by the input
-    click.echo(f"next: sv-deploy infer {out} {input_path} -o {beside}", err=True)
+    read = ReadOptions(axes, channel, time_index, voxel_size, series)
+    beside = Path(input_path).parent / output_name(input_path, factors, read)  # where infer would put it: by the input
+    click.echo(f"next: {_infer_command(out, input_path, beside, read)}", err=True)
     _prepare_cpu_inference(config, trained, digest)
+
+
+def _infer_command(model, path, out, read) -> str:
+    """The infer command for the input a model was trained on, with its selection options, quoted
+    for a POSIX shell."""
+    import shlex
+
+    words = ["sv-deploy", "infer", str(model), str(path), "-o", str(out)]
+    for flag, value in (("--axes", read.axes), ("--channel", read.channel), ("--time", read.time),
+                        ("--series", read.series), ("--voxel-size", read.voxel_size)):
+        if value is not None:
+            words += [flag, ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _prepare_cpu_inference(config, stages, digest) -> None:
@@ -313,7 +330,8 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
               help="Output OME-TIFF for one INPUT; a folder for several, for globs and for --watch.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="8-way geometric self-ensemble.")
 @click.option("--bp-iters", type=click.IntRange(0, 100), default=10, show_default=True,
-              help="Back-projection iterations against the input per stage (0 = off).")
+              help="Back-projection iterations against the input, after the last stage (a x4 chain's stages "
+                   "are back-projected once, together; 0 = off).")
 @click.option("--tile", callback=_triple(int, "32,96,96"), help="Tile core z,y,x in input voxels (default: the largest that fits --max-memory).")
 @click.option("--max-memory", help="Working memory to plan tiles for, e.g. 2G (default: half the free RAM).")
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
@@ -358,6 +376,7 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     from .enhance_file import ReadOptions, enhance_file, output_name, read_input
     from .memory import parse_size
     from .pipeline import ReadAhead
+    from .volume_io import check_output_folder
 
     start = time.perf_counter()
     if not watch_dir and (settle is not None or exit_when_idle is not None):
@@ -375,6 +394,10 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             raise UserError(f"-o {output} is the input itself; write the enhanced volume to another file")
     elif why_folder and output.lower().endswith(TIFF_SUFFIXES) and not Path(output).is_dir():
         raise UserError(f"-o {output} names one file, but {why_folder}: give a folder, e.g. -o enhanced/")
+    else:
+        if Path(output).exists() and not Path(output).is_dir():
+            raise UserError(f"{output} is a file; with several inputs or --watch, -o must be a folder")
+        check_output_folder(output)
     budget = parse_size(max_memory) if max_memory is not None else None
     if budget is not None and budget <= 0:
         raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
@@ -398,8 +421,6 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         run_one(paths[0], Path(output))
         return
     outdir = Path(output)
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"{outdir} is a file; with several inputs or --watch, -o must be a folder")
     if watch_dir:
         folder = Path(watch_dir)
         if not folder.is_dir():
@@ -408,6 +429,7 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             raise UserError("-o must be another folder than --watch, or outputs would be enhanced again")
     factors = config.total_factors()
     out_of = lambda path: outdir / output_name(path, factors, read)  # noqa: E731
+    paths = _batch_inputs(paths, out_of, log)
     _check_distinct_outputs(paths, out_of)
     outdir.mkdir(parents=True, exist_ok=True)
     done, skipped, failed = [], [], []
@@ -443,18 +465,19 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             done.append(run_one(path, out, volume))
             current.clear()
             written[out] = source
-            if path in failed:  # a watched file that failed half-written and has now gone through
-                failed.remove(path)
+            failed[:] = [p for p in failed if p != path]  # a watched file that failed half-written, now through
             if len(done) == 1:
                 log(f"time to first output: {time.perf_counter() - start:.1f} s")
         except UserError as exc:
-            current.clear()
-            failed.append(path)
-            log(f"error: {exc}" if str(path) in str(exc) else f"error: {path}: {exc}")
+            fail(path, f"error: {exc}" if str(path) in str(exc) else f"error: {path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - one bad acquisition must not end a batch or a watch
-            current.clear()
+            fail(path, f"error: {path}: unexpected {type(exc).__name__}: {exc}; skipped")
+
+    def fail(path, message):
+        current.clear()
+        if path not in failed:
             failed.append(path)
-            log(f"error: {path}: unexpected {type(exc).__name__}: {exc}; skipped")
+        log(message + ("; tried again if the file changes" if watch_dir else ""))
 
     def summary() -> str:
         return (f"enhanced {len(written)} file(s), {len(failed)} failed"
@@ -488,6 +511,24 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     log(summary())
     if failed:
         sys.exit(1)
+
+
+def _batch_inputs(paths, out_of, log) -> list:
+    """Each input once, and none that is this batch's output of another input: a batch run again
+    with -o its own input folder must not enhance what it wrote the first time."""
+    unique, seen = [], set()
+    for path in paths:
+        if Path(path).resolve() not in seen:
+            seen.add(Path(path).resolve())
+            unique.append(path)
+    if len(unique) < len(paths):
+        log(f"note: {len(paths) - len(unique)} input(s) named more than once; each is enhanced once")
+    outputs = {out_of(path).resolve() for path in unique}
+    own = [path for path in unique if Path(path).resolve() in outputs]
+    if own:
+        log(f"note: leaving out {len(own)} input(s) that are this batch's own outputs: "
+            f"{', '.join(map(str, own[:3]))}{', ...' if len(own) > 3 else ''}")
+    return [path for path in unique if path not in own]
 
 
 def _check_distinct_outputs(paths, out_of) -> None:
@@ -575,7 +616,7 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
         return vol
 
     ref_vol = read_given(reference)
-    check_not_constant(ref_vol, str(reference))  # no data range to score against
+    check_not_constant(ref_vol, str(reference), "a reference needs a data range to score against")
     out = read_volume(output_path).data
     lr = read_given(lowres).data if lowres else None
     rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
@@ -622,7 +663,7 @@ def simulate():
 @click.option("--scale", default="4", show_default=True, help="Downsampling factor of the LR copy (or z,y,x).")
 @click.option("--voxel-size", callback=_triple(float, "0.4,0.1,0.1"), default="0.4,0.1,0.1", show_default=True,
               help="High-resolution voxel size z,y,x in micrometres.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bead positions.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the bead positions.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
 @friendly
 def simulate_beads(outdir, shape, count, sigma, window, scale, voxel_size, seed, overwrite):
@@ -669,7 +710,7 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
     """
     from .export import onnx_path, save_onnx, to_onnx
     from .model_file import load_model
-    from .volume_io import check_output_path
+    from .volume_io import check_output_folder, check_output_path
 
     engine_only = [o for o, v in (("--tile", tile), ("--bp-iters", bp_iters), ("--plugin/--no-plugin", plugin))
                    if v is not None]
@@ -687,6 +728,7 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
     config, stages, digest = load_model(src)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} is a file; -o takes a directory")
+    check_output_folder(dest)
     dest.mkdir(parents=True, exist_ok=True)
     check_output_path(target, overwrite)
     click.echo(f"exporting {src} ({len(stages)} stage(s), {precision}) to ONNX...", err=True)

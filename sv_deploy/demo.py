@@ -13,7 +13,7 @@ from .errors import UserError
 from .factors import parse_scale
 from .normalize import cast
 from .simulate import bead_pair, beads
-from .volume_io import check_output_path, write_volume
+from .volume_io import check_output_folder, check_output_path, write_volume
 
 UINT16_PEAK = 50000  # leaves head-room for cubic overshoot
 
@@ -30,6 +30,7 @@ def write_beads(
     overwrite: bool,
 ) -> Tuple[Path, Path]:
     factors = parse_scale(scale)
+    check_output_folder(outdir)
     if window % 2 == 0:
         raise UserError(f"--window {window} must be odd, so the PSF is centred on a voxel; e.g. --window {window + 1}")
     if any(n % f for n, f in zip(shape, factors)):

@@ -43,6 +43,20 @@ class ReadOptions:
     series: Optional[int] = None
 
 
+def with_training_voxel_size(vol: Volume, config, input_path, log) -> Volume:
+    """Axes whose voxel size the input does not give take the training input's, with a warning:
+    a model is trained on its acquisition (or one like it), and an output written without a voxel
+    size opens in viewers at 1 unit per voxel."""
+    known = config.voxel_size
+    filled = tuple(v if v is not None else k for v, k in zip(vol.voxel_size, known))
+    if filled == tuple(vol.voxel_size):
+        return vol
+    axes = ", ".join(a for a, v, f in zip("zyx", vol.voxel_size, filled) if v is None and f is not None)
+    log(f"warning: {input_path} does not give its voxel size in {axes}; using the model's training input's "
+        f"({', '.join('?' if v is None else f'{v:g}' for v in filled)} um, z,y,x); pass --voxel-size if it differs")
+    return replace(vol, voxel_size=filled)
+
+
 @dataclass(frozen=True)
 class FileResult:
     input: str
@@ -141,6 +155,7 @@ def enhance_file(
         raise UserError(f"{input_path} is stored as {dtype}, which OME-TIFF cannot hold; pass --dtype float32 "
                         "(or --dtype uint16 when its values fit)")
     check_output_dtype(vol.data, dtype, out_dtype)
+    vol = with_training_voxel_size(vol, config, input_path, log)
     unknown = [a for a, v in zip("zyx", vol.voxel_size) if v is None and (a != "z" or vol.axes != "YX")]
     if unknown:
         how = "1,y,x (z is not used for a 2D image)" if vol.axes == "YX" else "z,y,x"

@@ -13,7 +13,7 @@ ALLOWED = (1, 2, 3, 4, 8)
 def parse_scale(text: str, is_2d: bool = False) -> Factors:
     """'4' -> (4, 4, 4) for volumes, (1, 4, 4) for 2D images; '1,2,2' -> per-axis z, y, x."""
     try:
-        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+        parts = [int(p) for p in str(text).replace("x", ",").split(",")]  # an empty part ('2,') is refused
     except ValueError:
         raise UserError(f"--scale '{text}' is not understood; give one factor (2) or three (z,y,x: 1,2,2)") from None
     if len(parts) == 1:

@@ -116,13 +116,21 @@ def choose_tile(budget: int, volume: Shape3, stages: Sequence[Factors], arch: Ar
     return best
 
 
+def format_size(n: int) -> str:
+    """Bytes for a message, in the largest binary unit that keeps a leading digit: 1.5 GiB, 512 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 class TileDoesNotFit(UserError):
     """No tile fits the budget; the message names what would fit and the options that need less."""
 
     def __init__(self, budget: int, need: int, ensemble: bool, bp_iters: int):
         lighter = [option for option, on in (("--no-ensemble", ensemble), ("fewer --bp-iters", bp_iters)) if on]
         super().__init__(f"enhancing this volume needs at least {ceil(need / 2**20)} MiB of working memory, more "
-                         f"than the {budget / 2**20:.1f} MiB allowed; raise --max-memory"
+                         f"than the {format_size(budget)} allowed; raise --max-memory"
                          + (f" or use {' / '.join(lighter)}" if lighter else ""))
         self.budget, self.need = budget, need
 

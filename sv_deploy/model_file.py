@@ -64,8 +64,8 @@ def read_header(path: os.PathLike | str) -> Dict[str, str]:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF and BigTIFF
-            raise UserError(f"{path} is an image, not a model file; the model (.svmodel) comes first, "
-                            "e.g. sv-deploy infer MODEL INPUT -o OUTPUT") from None
+            raise UserError(f"{path} is an image, not a model file; give a .svmodel from 'sv-deploy train' "
+                            "(a command's model comes before its images: infer MODEL INPUT -o OUTPUT)") from None
         if path.suffix.lower() == ".onnx":
             raise UserError(f"{path} is an ONNX export, not a .svmodel; give the .svmodel it was exported from "
                             "(infer and info take either)") from None

@@ -313,10 +313,10 @@ def axes_warning(vol: Volume, path) -> Optional[str]:
             "(drop --axes to follow the file)")
 
 
-def check_not_constant(volume: Volume, name: str) -> None:
+def check_not_constant(volume: Volume, name: str, why: str = "there is no structure to enhance") -> None:
     lo, hi = volume.data.min(), volume.data.max()
     if lo == hi:
-        raise UserError(f"{name} is constant (every voxel is {lo}); there is no structure to enhance")
+        raise UserError(f"{name} is constant (every voxel is {lo}); {why}")
 
 
 def sha256_file(path: os.PathLike | str) -> str:
@@ -327,7 +327,11 @@ def sha256_file(path: os.PathLike | str) -> str:
     return h.hexdigest()
 
 
+TEMP_NAME_EXTRA = 32  # what `atomic_output` adds to a name (".", ".partial-", pid, "-", random part)
+
+
 def check_output_path(path: os.PathLike | str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that could not be written where it is named."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another name or pass --overwrite")
@@ -335,6 +339,29 @@ def check_output_path(path: os.PathLike | str, overwrite: bool) -> Path:
         raise UserError(f"{path} is a directory; give a file name for the output")
     if not path.parent.exists():
         raise UserError(f"the folder {path.parent} does not exist; create it first")
+    check_output_folder(path.parent)
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # not on every system (Windows: 255 characters)
+        limit = 255
+    if len(os.fsencode(path.name)) + TEMP_NAME_EXTRA > limit:
+        raise UserError(f"the file name {path.name[:40]}... is too long for this file system (with the temporary "
+                        f"name it is written under first, at most {limit - TEMP_NAME_EXTRA} bytes); shorten it")
+    return path
+
+
+def check_output_folder(path: os.PathLike | str) -> Path:
+    """An output folder that exists or can be made: its nearest existing ancestor must be a folder
+    this user can write in (else the failure would come after all the work, naming a temporary file)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        inside = "" if existing == path else f", so {path} cannot be made in it"
+        raise UserError(f"{existing} is a file, not a folder{inside}; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {existing} (permission denied); choose another folder")
     return path
 
 
@@ -376,7 +403,7 @@ def written_only_by_me(path: Path) -> bool:
         return True
     try:
         st = Path(path).lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # under a file: it cannot be made, so nothing to trust
         return True
     return st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) and not st.st_mode & 0o022
 

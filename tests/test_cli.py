@@ -500,3 +500,45 @@ def test_an_export_onnx_runtime_cannot_run_is_one_error_line(model_file, lr_file
     out = tmp_path / "o.ome.tif"
     assert_one_line_error(run("infer", tmp_path / "bad.onnx", lr_file, "-o", out), "ONNX Runtime cannot run this export")
     assert not out.exists()
+
+
+def test_outputs_under_a_file_or_with_too_long_a_name_are_refused_before_any_work(model_file, lr_file, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (("train", lr_file, "-o", afile / "m.svmodel", "--steps", "1"),
+                 ("infer", model_file, lr_file, "-o", afile / "o.ome.tif"),
+                 ("infer", model_file, lr_file, lr_file, "-o", afile / "out"),
+                 ("export", model_file, "-o", afile / "sub"),
+                 ("simulate", "beads", afile / "s"),
+                 ("bench", "--quick", afile / "b")):
+        result = run(*args)
+        assert_one_line_error(result, f"{afile} is a file, not a folder")
+        assert result.exit_code == 2, args
+    too_long = tmp_path / ("a" * 240 + ".ome.tif")
+    assert_one_line_error(run("infer", model_file, lr_file, "-o", too_long), "too long for this file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_training_numbers_that_are_not_finite_or_out_of_range_are_one_line(lr_file, tmp_path):
+    model = tmp_path / "m.svmodel"
+    for args in (("--lr", "nan"), ("--lr", "inf"), ("--ema", "nan"), ("--seed", "-1"), ("--seed", str(2**70)),
+                 ("--scale", "2,")):
+        result = run("train", lr_file, "-o", model, "--steps", "1", *args)
+        assert_one_line_error(result, args[0])
+        assert result.exit_code == 2 and "training on" not in result.stderr
+    assert not model.exists()
+
+
+def test_infer_takes_the_training_voxel_size_where_the_input_gives_none(lr_file, tmp_path):
+    plain = tmp_path / "my stack.tif"  # no resolution tags, no ImageJ or OME metadata
+    tifffile.imwrite(plain, read_volume(lr_file).data, photometric="minisblack")
+    model = tmp_path / "m.svmodel"
+    trained = run("train", plain, "-o", model, "--steps", "1", "--batch", "1", "--members", "1", "--patch", "8,32,32",
+                  "-q", "--voxel-size", "1,0.5,0.5")
+    assert trained.exit_code == 0, trained.output
+    beside = tmp_path / "my stack_x2.ome.tif"
+    assert f"next: sv-deploy infer {model} '{plain}' -o '{beside}' --voxel-size 1,0.5,0.5" in trained.stderr
+    out = tmp_path / "o.ome.tif"
+    result = run("infer", model, plain, "-o", out, "--no-ensemble", "--bp-iters", "0", "-q")
+    assert result.exit_code == 0 and "using the model's training input's (1, 0.5, 0.5 um" in result.stderr
+    assert read_volume(out).voxel_size == pytest.approx((0.5, 0.25, 0.25))

@@ -10,7 +10,7 @@ def test_scale_parsing():
     assert parse_scale("2") == (2, 2, 2)
     assert parse_scale("4", is_2d=True) == (1, 4, 4)
     assert parse_scale("1,2,2") == (1, 2, 2)
-    for bad in ("5", "2,2", "x", "1"):
+    for bad in ("5", "2,2", "x", "1", "2,", ",2,2,2"):
         with pytest.raises(UserError):
             parse_scale(bad)
     with pytest.raises(UserError, match="2D"):

@@ -443,6 +443,22 @@ def test_batch_outputs_that_would_collide_or_a_file_name_for_many_are_refused(mo
     assert not (tmp_path / "r.ome.tif").exists() and not (tmp_path / "g.ome.tif").exists()
 
 
+def test_a_batch_run_again_into_its_input_folder_leaves_its_outputs_alone(model_file, tmp_path):
+    acq = tmp_path / "acq"
+    acq.mkdir()
+    data = structured((8, 24, 24))
+    for name in ("a", "b"):
+        write_volume(acq / f"{name}.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
+    first = run("infer", model_file, str(acq / "*.tif"), "-o", acq, "--bp-iters", "1", "-q")
+    assert first.exit_code == 0, first.stderr
+    again = run("infer", model_file, str(acq / "*.tif"), acq / "a.tif", "-o", acq, "--bp-iters", "1", "-q")
+    assert again.exit_code == 0, again.stderr
+    assert "1 input(s) named more than once" in again.stderr
+    assert "leaving out 2 input(s) that are this batch's own outputs" in again.stderr
+    assert "enhanced 0 file(s), 0 failed, 2 skipped (output exists)" in again.stderr
+    assert sorted(p.name for p in acq.iterdir()) == ["a.tif", "a_x2.ome.tif", "b.tif", "b_x2.ome.tif"]
+
+
 def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path):
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()
@@ -466,15 +482,17 @@ def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path)
         (incoming / "broken.tif").write_bytes(b"II*\x00garbage")
         time.sleep(1.5)
         (incoming / "second.tif").write_bytes(blob)
-        (incoming / "paused.tif").write_bytes(blob[: len(blob) // 2])  # the writer stalls past --settle...
+        (incoming / "paused.tif").write_bytes(blob[: len(blob) // 3])  # the writer stalls past --settle...
+        time.sleep(3.0)
+        (incoming / "paused.tif").write_bytes(blob[: 2 * len(blob) // 3])  # ...twice...
         time.sleep(3.0)
         (incoming / "paused.tif").write_bytes(blob)  # ...then finishes: the file is read again
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 1, err
-    assert "paused.tif" in err  # its first, truncated read failed
-    assert "enhanced 3 file(s), 1 failed (" in err and "broken.tif)" in err
+    assert err.count("paused.tif is incomplete or damaged") == 2, err  # its truncated reads failed
+    assert "enhanced 3 file(s), 1 failed (" in err and "broken.tif)" in err  # and do not count once it is through
     for name in ("first", "second", "paused"):
         assert read_volume(out / f"{name}_x2.ome.tif").data.shape == (16, 48, 48)
 
