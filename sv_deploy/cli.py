@@ -360,14 +360,15 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     """Enhance INPUT(s) with MODEL; write OME-TIFFs with the voxel size divided by the factors.
 
     MODEL is a .svmodel from 'train', or a .onnx / .trt.json from 'export'. It is loaded once for
-    all inputs. INPUT may be a glob ('acq/*.tif'). With several inputs a file that fails is
-    reported and skipped, and each next file is read while the current one is enhanced (unless
-    --max-memory is given or the file is large beside the free memory).
+    all inputs. INPUT may be a glob ('acq/*.tif') or a folder (its TIFF files). With several inputs
+    a file that fails is reported and skipped, and each next file is read while the current one is
+    enhanced (unless --max-memory is given or the file is large beside the free memory).
 
     \b
     Examples:
       sv-deploy infer stack.svmodel stack.tif -o stack_x2.ome.tif
       sv-deploy infer stack.svmodel 'day1/*.tif' -o enhanced/
+      sv-deploy infer stack.svmodel day2/ -o enhanced/
       sv-deploy infer export/stack.onnx --watch incoming/ -o enhanced/
       sv-deploy infer stack.svmodel big.tif -o big_x2.ome.tif --max-memory 2G --no-ensemble
     """
@@ -386,7 +387,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     if not paths and not watch_dir:
         raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
     why_folder = ("--watch is on" if watch_dir else f"there are {len(paths)} inputs" if len(paths) > 1
-                  else f"INPUT {inputs[0]} is a glob" if any(_is_glob(i) for i in inputs) else None)
+                  else f"INPUT {inputs[0]} is a glob" if any(_is_glob(i) for i in inputs)
+                  else f"INPUT {inputs[0]} is a folder" if any(Path(i).is_dir() for i in inputs) else None)
     single = why_folder is None and not output.endswith(("/", "\\")) and not Path(output).is_dir()
     if single:
         _tiff_output(output, overwrite)
@@ -568,8 +570,11 @@ def _is_glob(item: str) -> bool:
 
 
 def _expand(inputs) -> list:
-    """Paths as given, globs expanded (sorted); a glob that matches nothing is an error."""
+    """Paths as given, globs expanded (sorted), a folder as the TIFF files in it (as --watch takes
+    them); a glob or a folder that gives nothing is an error."""
     import glob
+
+    from .watch import snapshot
 
     paths = []
     for item in inputs:
@@ -578,6 +583,11 @@ def _expand(inputs) -> list:
             if not matches:
                 raise UserError(f"no files match '{item}'")
             paths.extend(matches)
+        elif Path(item).is_dir():
+            found = sorted(snapshot(Path(item)))
+            if not found:
+                raise UserError(f"the folder {item} holds no .tif or .tiff files")
+            paths.extend(found)
         else:
             paths.append(item)
     return paths
@@ -606,7 +616,7 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     Example:
       sv-deploy evaluate beads_x4.ome.tif beads_hr.tif --lowres beads_lr.tif
     """
-    from .evaluate import evaluate as run_evaluate, format_table, infer_factors
+    from .evaluate import evaluate as run_evaluate, format_table, infer_factors, voxel_size_mismatch
     from .volume_io import axes_warning, check_not_constant, read_volume
 
     def read_given(path):
@@ -618,7 +628,15 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     ref_vol = read_given(reference)
     check_not_constant(ref_vol, str(reference), "a reference needs a data range to score against")
     out = read_volume(output_path).data
-    lr = read_given(lowres).data if lowres else None
+    lr_vol = read_given(lowres) if lowres else None
+    lr = lr_vol.data if lr_vol is not None else None
+    if lr_vol is not None:
+        factors = infer_factors(ref_vol.data.shape, lr.shape)
+        mismatch = voxel_size_mismatch(ref_vol.voxel_size, lr_vol.voxel_size, factors)
+        if mismatch:
+            click.echo(f"warning: --lowres {lowres} has voxels of {_sizes(lr_vol.voxel_size)} um, not the reference's "
+                       f"{_sizes(ref_vol.voxel_size)} um times {'x'.join(map(str, factors))} (its shape's factors) in "
+                       f"{mismatch}: is it the input this output was made from?", err=True)
     rows = run_evaluate(out, ref_vol.data, lr, bp_iters, output_name=f"output ({Path(output_path).name})")
     if as_json:
         report = {
@@ -631,6 +649,10 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
         click.echo(json.dumps(_finite(report), indent=2, allow_nan=False))
     else:
         click.echo(format_table(rows))
+
+
+def _sizes(voxel_size) -> str:
+    return ",".join("?" if v is None else f"{v:g}" for v in voxel_size)
 
 
 def _finite(value):

@@ -42,6 +42,14 @@ def infer_factors(reference_shape: Sequence[int], lowres_shape: Sequence[int]) -
     return tuple(factors)  # type: ignore
 
 
+def voxel_size_mismatch(reference_size, lowres_size, factors: Sequence[int], tolerance: float = 0.05) -> str:
+    """Axes where the LR voxel size is not the reference's times the factor the shapes imply ('' if
+    none, or unknown): scored against a LR file of another sampling, the baselines say little."""
+    axes = [a for a, r, l, f in zip("zyx", reference_size, lowres_size, factors)
+            if r and l and abs(l - r * f) > tolerance * r * f]
+    return ", ".join(axes)
+
+
 def score_row(name: str, candidate: np.ndarray, reference: np.ndarray) -> Row:
     _, gain, offset = match_minmse(candidate, reference)
     return Row(name, score(candidate, reference, match=True), score(candidate, reference, match=False), gain, offset)

@@ -93,6 +93,12 @@ def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
     result = run("evaluate", truth, truth, "--lowres", lr_file)
     assert result.exit_code == 0, result.output
     assert "tricubic x2 + back-projection" in result.output and "inf" in result.output
+    assert "warning" not in result.stderr  # the LR voxels are the truth's times 2
+    other = tmp_path / "other_lr.tif"  # the same voxels, said to be sampled x4 laterally
+    write_volume(other, [read_volume(lr_file).data], read_volume(lr_file).data.shape, np.uint8, "ZYX", (4.0, 5.0, 5.0))
+    warned = run("evaluate", truth, truth, "--lowres", other)
+    assert warned.exit_code == 0 and "not the reference's 2,1.25,1.25 um times 2x2x2" in warned.stderr
+    assert "in y, x: is it the input" in warned.stderr
     # the JSON says what was scored against what, at which factor
     report = json.loads(run("evaluate", truth, truth, "--lowres", lr_file, "--bp-iters", "3", "--json").stdout)
     assert report["output"] == str(truth) and report["lowres"] == str(lr_file)

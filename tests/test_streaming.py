@@ -457,6 +457,17 @@ def test_a_batch_run_again_into_its_input_folder_leaves_its_outputs_alone(model_
     assert "leaving out 2 input(s) that are this batch's own outputs" in again.stderr
     assert "enhanced 0 file(s), 0 failed, 2 skipped (output exists)" in again.stderr
     assert sorted(p.name for p in acq.iterdir()) == ["a.tif", "a_x2.ome.tif", "b.tif", "b_x2.ome.tif"]
+    # a folder as INPUT is its TIFF files, and its output a folder even for one file
+    (acq / "notes.txt").write_text("not an image")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.tif").write_bytes((acq / "a.tif").read_bytes())
+    folder = run("infer", model_file, one, "-o", tmp_path / "out", "--bp-iters", "1", "-q")
+    assert folder.exit_code == 0 and (tmp_path / "out" / "a_x2.ome.tif").is_file(), folder.stderr
+    again = run("infer", model_file, acq, "-o", acq, "--bp-iters", "1", "-q")
+    assert again.exit_code == 0 and "enhanced 0 file(s), 0 failed, 2 skipped (output exists)" in again.stderr
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("infer", model_file, tmp_path / "empty", "-o", tmp_path / "o3"), "holds no .tif")
 
 
 def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path):
