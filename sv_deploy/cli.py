@@ -479,7 +479,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         current.clear()
         if path not in failed:
             failed.append(path)
-        log(message + ("; tried again if the file changes" if watch_dir else ""))
+        watched = watch_dir and Path(path).resolve().parent == Path(watch_dir).resolve()
+        log(message + ("; tried again if the file changes" if watched else ""))
 
     def summary() -> str:
         return (f"enhanced {len(written)} file(s), {len(failed)} failed"
