@@ -294,11 +294,13 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
               min_seconds: float) -> dict:
     """Warm-up once, then at least `runs` runs and `min_seconds` of them; file-to-file and compute.
 
-    A CUDA backend's `transfers` (host->device, device->host, measured with CUDA events) are
-    summed per run; backends without them report None."""
+    The warm-up runs a small crop, except for a compiled network, which compiles on its first pass
+    of each shape: it warms up on the timed file itself, so no run times a compile. A CUDA
+    backend's `transfers` (host->device, device->host, measured with CUDA events) are summed per
+    run; backends without them report None."""
     # a TensorRT engine only takes the tiles its profiles were built for
     kw = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
-    enhance_file(runner, config, warmup, dst, options, **kw)  # warm-up: first-call set-up on a small crop
+    enhance_file(runner, config, src if getattr(runner, "compiled", False) else warmup, dst, options, **kw)
     transfers = getattr(runner, "transfers", None)
     compute, total, h2d, d2h = [], [], [], []
     with PeakRSS(gpu=torch.cuda.is_available()) as rss:

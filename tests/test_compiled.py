@@ -106,3 +106,26 @@ def test_compiled_code_is_kept_in_a_folder_of_the_users_own(tmp_path, monkeypatc
     assert fresh not in (default, str(ours)) and stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
     assert notes and "other users can write" in notes[0], notes
     os.rmdir(fresh)
+
+
+def test_bench_warms_a_compiled_network_up_on_the_timed_file(model_file, trained_small, tmp_path, monkeypatch):
+    """A small warm-up crop would leave the timed file's pass shapes to compile inside the timed run."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: inductor cannot compile for the CPU here")
+    from sv_deploy.bench import time_file
+    from sv_deploy.volume_io import write_volume
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    _, _, x, _ = trained_small
+    volume = np.clip(np.rint(x[:8, :24, :32] * 200), 0, 255).astype(np.uint8)
+    src, crop = tmp_path / "src.tif", tmp_path / "crop.tif"
+    write_volume(src, [volume], volume.shape, np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    write_volume(crop, [volume[:4, :12, :12]], (4, 12, 12), np.uint8, "ZYX", (1.0, 1.0, 1.0))
+    notes = []
+    config, runner = open_backend(str(model_file), "auto", "cpu", log=notes.append, compile=True)
+    row = time_file(runner, config, src, crop, tmp_path / "out.ome.tif", InferenceOptions(bp_iters=1), 2, 0.0)
+    assert row["compute"]["runs"] == 2
+    compiles = [n for n in notes if "compiling the network" in n]
+    assert len(compiles) == 2, notes  # the timed file's two pass shapes (y != x), each once, in the warm-up
+    assert not any("4x12x12" in n for n in compiles), notes  # nothing of the crop's
