@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -295,12 +295,16 @@ def time_file(runner, config, src: Path, warmup: Path, dst: Path, options: Infer
     """Warm-up once, then at least `runs` runs and `min_seconds` of them; file-to-file and compute.
 
     The warm-up runs a small crop, except for a compiled network, which compiles on its first pass
-    of each shape: it warms up on the timed file itself, so no run times a compile. A CUDA
+    of each shape: it warms up on the timed file itself, whose tiles and passes the timed runs then
+    keep, so no run times a compile. A CUDA
     backend's `transfers` (host->device, device->host, measured with CUDA events) are summed per
     run; backends without them report None."""
     # a TensorRT engine only takes the tiles its profiles were built for
     kw = dict(out_dtype="input", progress=False, log=lambda m: None, tile=getattr(runner, "tile", None))
-    enhance_file(runner, config, src if getattr(runner, "compiled", False) else warmup, dst, options, **kw)
+    compiled = getattr(runner, "compiled", False)
+    first = enhance_file(runner, config, src if compiled else warmup, dst, options, **kw)
+    if compiled:  # and keep its plan: a tile or pass size chosen anew from the free memory would compile again
+        kw["tile"], options = first.tile, replace(options, block=first.block)
     transfers = getattr(runner, "transfers", None)
     compute, total, h2d, d2h = [], [], [], []
     with PeakRSS(gpu=torch.cuda.is_available()) as rss:

@@ -383,7 +383,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     if not watch_dir and (settle is not None or exit_when_idle is not None):
         raise UserError(f"{'--settle' if settle is not None else '--exit-when-idle'} only applies with --watch FOLDER")
     settle = 2.0 if settle is None else settle
-    paths = _expand(inputs)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    paths = _unique(_expand(inputs), log)
     if not paths and not watch_dir:
         raise UserError("no INPUT given; name one or more TIFF files, a glob, or use --watch FOLDER")
     why_folder = ("--watch is on" if watch_dir else f"there are {len(paths)} inputs" if len(paths) > 1
@@ -403,7 +404,6 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
     budget = parse_size(max_memory) if max_memory is not None else None
     if budget is not None and budget <= 0:
         raise UserError(f"--max-memory {max_memory} must be more than 0, e.g. 512M or 2G")
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
     config, runner = open_backend(model, backend, device, log=log, ensemble=ensemble, compile=compile_net)
     options = InferenceOptions(ensemble=ensemble, bp_iters=bp_iters, interpolate=config.interpolation_stages())
     for i in options.interpolate if not quiet else ():
@@ -487,9 +487,11 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
                 + (f" ({', '.join(map(str, failed))})" if failed else "")
                 + (f", {len(skipped)} skipped (output exists)" if skipped else ""))
 
+    given = {}  # each INPUT's version when it was enhanced: the watch takes it again only once it changes
     try:
         try:
             for path, upcoming in zip(paths, [*paths[1:], None]):
+                given[str(Path(path).resolve())] = _file_version(path)
                 handle(path, upcoming)
         except KeyboardInterrupt:
             if current:
@@ -500,10 +502,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             from .watch import watch
 
             log(f"watching {folder} for new TIFF files (Ctrl-C to stop)")
-            seen = {str(Path(p).resolve()) for p in paths}
             try:
                 watch(folder, handle, settle=settle, idle_exit=exit_when_idle,
-                      skip=lambda p: str(Path(p).resolve()) in seen, log=log)
+                      skip=lambda p: given.get(str(Path(p).resolve()), ()) == _file_version(p), log=log)
             except KeyboardInterrupt:
                 if current:
                     log(f"interrupted while enhancing {current[0]}; its output was not written (it is enhanced "
@@ -516,9 +517,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         sys.exit(1)
 
 
-def _batch_inputs(paths, out_of, log) -> list:
-    """Each input once, and none that is this batch's output of another input: a batch run again
-    with -o its own input folder must not enhance what it wrote the first time."""
+def _unique(paths, log) -> list:
+    """Each input once (a file named twice, or matched by two globs)."""
     unique, seen = [], set()
     for path in paths:
         if Path(path).resolve() not in seen:
@@ -526,12 +526,18 @@ def _batch_inputs(paths, out_of, log) -> list:
             unique.append(path)
     if len(unique) < len(paths):
         log(f"note: {len(paths) - len(unique)} input(s) named more than once; each is enhanced once")
-    outputs = {out_of(path).resolve() for path in unique}
-    own = [path for path in unique if Path(path).resolve() in outputs]
+    return unique
+
+
+def _batch_inputs(paths, out_of, log) -> list:
+    """None that is this batch's output of another input: a batch run again with -o its own input
+    folder must not enhance what it wrote the first time."""
+    outputs = {out_of(path).resolve() for path in paths}
+    own = [path for path in paths if Path(path).resolve() in outputs]
     if own:
         log(f"note: leaving out {len(own)} input(s) that are this batch's own outputs: "
             f"{', '.join(map(str, own[:3]))}{', ...' if len(own) > 3 else ''}")
-    return [path for path in unique if path not in own]
+    return [path for path in paths if path not in own]
 
 
 def _check_distinct_outputs(paths, out_of) -> None:

@@ -47,8 +47,8 @@ def with_training_voxel_size(vol: Volume, config, input_path, log) -> Volume:
     """Axes whose voxel size the input does not give take the training input's, with a warning:
     a model is trained on its acquisition (or one like it), and an output written without a voxel
     size opens in viewers at 1 unit per voxel."""
-    known = config.voxel_size
-    filled = tuple(v if v is not None else k for v, k in zip(vol.voxel_size, known))
+    used = [vol.axes != "YX", True, True]  # a 2D image has no z to size
+    filled = tuple(k if v is None and u else v for v, k, u in zip(vol.voxel_size, config.voxel_size, used))
     if filled == tuple(vol.voxel_size):
         return vol
     axes = ", ".join(a for a, v, f in zip("zyx", vol.voxel_size, filled) if v is None and f is not None)

@@ -12,8 +12,10 @@ ALLOWED = (1, 2, 3, 4, 8)
 
 def parse_scale(text: str, is_2d: bool = False) -> Factors:
     """'4' -> (4, 4, 4) for volumes, (1, 4, 4) for 2D images; '1,2,2' -> per-axis z, y, x."""
+    spelled = str(text).strip().lower()
+    spelled = spelled[1:] if spelled.startswith("x") else spelled  # 'x2', 'x1x2x2': as output names spell it
     try:
-        parts = [int(p) for p in str(text).replace("x", ",").split(",")]  # an empty part ('2,') is refused
+        parts = [int(p) for p in spelled.replace("x", ",").split(",")]  # an empty part ('2,') is refused
     except ValueError:
         raise UserError(f"--scale '{text}' is not understood; give one factor (2) or three (z,y,x: 1,2,2)") from None
     if len(parts) == 1:

@@ -153,6 +153,17 @@ def aot_kernel(dtype: str, factors: Tuple[int, int, int]):
                         f"compiles it ({exc}); export with --no-plugin (TensorRT's own ops)") from None
 
 
+def _driver_ptx_limit():
+    """Newest PTX this machine's CUDA driver loads (None: unknown)."""
+    from .kernels.aot import cuda_driver_version, driver_ptx_limit
+
+    version = cuda_driver_version()
+    try:
+        return driver_ptx_limit(version) if version else None
+    except ValueError:  # a driver older than any TensorRT 10 supports: TensorRT itself will say so
+        return None
+
+
 def _gpu() -> Tuple[str, Tuple[int, int]]:
     import torch
 
@@ -206,11 +217,14 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
     trt = require_tensorrt()
     gpu_name, capability = _gpu()
     config = ModelConfig.from_json(onnx_graph.read_metadata(graph)["config"])
+    ptx_isa = None
     if plugin:
+        from .kernels.aot import ptx_isa as read_isa
+
         register_plugin()
-        for factors in config.stages:  # the plugin's autotune offers both types
-            for dtype in ("fp32", "fp16"):
-                aot_kernel(dtype, tuple(int(f) for f in factors))
+        kernels = [aot_kernel(dtype, tuple(int(f) for f in factors))  # the plugin's autotune offers both types
+                   for factors in config.stages for dtype in ("fp32", "fp16")]
+        ptx_isa = max((read_isa(k.asm["ptx"]) or 0) for k in kernels) or None
     profiles = stage_profiles(config.stages, config.arch, options.tile, options.bp_iters, options.ensemble,
                               planar=config.axes == "YX")
     problem = plugin_size_error(config.stages, profiles) if plugin else ""
@@ -245,7 +259,7 @@ def build_engines(onnx_path: Path, graph: onnx.ModelProto, options, plugin: bool
         compute_capability=capability, plugin=plugin, plugin_version=shuffle_op.PLUGIN_VERSION,
         precision=onnx_graph.read_metadata(graph)["precision"], source_onnx=onnx_path.name,
         source_onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), config=config.to_json(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), ptx_isa=ptx_isa,
     )
     with atomic_output(manifest_path) as tmp:
         tmp.write_text(manifest.to_json())
@@ -272,7 +286,8 @@ class TensorRTBackend:
         path = Path(manifest_path)
         self.manifest = read_manifest(path)
         gpu_name, capability = _gpu()
-        check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path))
+        check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path),
+                         driver_ptx_limit=_driver_ptx_limit())
         if self.manifest.plugin:
             try:  # for the JIT path only (nodes with aot=0); our engines are AOT: their kernel is inside
                 register_plugin()

@@ -188,6 +188,7 @@ class EngineManifest:
     config: str  # the model's ModelConfig JSON
     created: str
     format: str = MANIFEST_FORMAT
+    ptx_isa: Optional[int] = None  # the plugin kernel's PTX version (87 = 8.7): drivers older than it cannot load it
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -211,6 +212,9 @@ class EngineManifest:
                     "source_onnx_sha256", "config", "created"):
             if not isinstance(data.get(key), str):
                 raise ValueError(f"field {key} must be a string")
+        isa = data.get("ptx_isa")  # absent in manifests written before it existed
+        if isa is not None and (not isinstance(isa, int) or isinstance(isa, bool)):
+            raise ValueError("field ptx_isa must be an integer")
         return cls(**data)
 
 
@@ -235,12 +239,19 @@ def engine_paths(folder: Path, manifest: EngineManifest) -> List[Path]:
 
 
 def check_compatible(manifest: EngineManifest, tensorrt_version: str, gpu_name: str,
-                     compute_capability: Tuple[int, int], where: str = "the engine") -> None:
+                     compute_capability: Tuple[int, int], where: str = "the engine",
+                     driver_ptx_limit: Optional[int] = None) -> None:
     """Engines only run on the TensorRT version and the GPU model that built them (TensorRT ties an
     engine to its device type unless built hardware-compatible, which these are not): two GPUs of
-    one compute capability (an H100 and an H200) are not enough alike."""
+    one compute capability (an H100 and an H200) are not enough alike. The plugin kernel's PTX
+    was made for the building machine's driver; an older driver here refuses it when the engine loads."""
     same_trt = manifest.tensorrt_version == tensorrt_version
     same_gpu = tuple(manifest.compute_capability) == tuple(compute_capability) and manifest.gpu_name == gpu_name
+    isa, limit = manifest.ptx_isa, driver_ptx_limit
+    if same_trt and same_gpu and isa is not None and limit is not None and isa > limit:
+        raise UserError(f"{where} holds plugin code in PTX {isa // 10}.{isa % 10}, newer than this machine's CUDA "
+                        f"driver loads (up to {limit // 10}.{limit % 10}): update the NVIDIA driver, or rebuild the "
+                        "engine here with 'sv-deploy export MODEL -o DIR --engine'")
     if same_trt and same_gpu:
         return
     built = ".".join(map(str, manifest.compute_capability))

@@ -10,6 +10,7 @@ def test_scale_parsing():
     assert parse_scale("2") == (2, 2, 2)
     assert parse_scale("4", is_2d=True) == (1, 4, 4)
     assert parse_scale("1,2,2") == (1, 2, 2)
+    assert parse_scale("x2") == (2, 2, 2) and parse_scale("x1x2x2") == parse_scale("1x2x2") == (1, 2, 2)
     for bad in ("5", "2,2", "x", "1", "2,", ",2,2,2"):
         with pytest.raises(UserError):
             parse_scale(bad)

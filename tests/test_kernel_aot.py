@@ -48,6 +48,7 @@ print(json.dumps({
     "own": aot.launch_problems(own.metadata, own.asm["ptx"], 7),
     "own_given_5": aot.launch_problems(own.metadata, own.asm["ptx"], 5),
     "tma": aot.launch_problems(tma.metadata, tma.asm["ptx"], 3),
+    "tma_scratch": getattr(tma.metadata, "global_scratch_size", 0),
     "drivers": {str(v): for_driver(v) for v in (None, 12040, 11080)},
 }))
 """
@@ -70,6 +71,8 @@ def test_our_kernel_reads_only_what_tensorrt_passes(compiled):
 
 
 def test_a_kernel_that_needs_scratch_memory_is_refused(compiled):
+    if not compiled["tma_scratch"]:
+        pytest.skip("this Triton builds on-device TMA descriptors without global scratch")
     assert any("global scratch memory" in p for p in compiled["tma"])
     assert "it reads hidden parameter(s) [3] that TensorRT passes as null" in compiled["tma"]
 

@@ -188,6 +188,13 @@ def make_manifest(**changes):
 def test_manifest_round_trips_through_json():
     manifest = make_manifest()
     assert EngineManifest.from_json(manifest.to_json()) == manifest
+    with_isa = make_manifest(ptx_isa=87)
+    assert EngineManifest.from_json(with_isa.to_json()) == with_isa
+    older = json.loads(manifest.to_json())
+    del older["ptx_isa"]  # written before the field existed
+    assert EngineManifest.from_json(json.dumps(older)).ptx_isa is None
+    with pytest.raises(ValueError, match="ptx_isa"):
+        EngineManifest.from_json(json.dumps({**older, "ptx_isa": "8.7"}))
     with pytest.raises(ValueError, match="not an sv-deploy"):
         EngineManifest.from_json('{"format": "other"}')
     for bad, field in (([1, 2], "not an sv-deploy"), ({"engines": "abc"}, "engines"), ({"compute_capability": "9.0"},
@@ -227,6 +234,12 @@ def test_engine_for_another_gpu_or_version_is_refused_naming_both():
     with pytest.raises(UserError) as err:
         check_compatible(manifest, "11.0.0", "NVIDIA H100", (9, 0))
     assert "10.13.0" in str(err.value) and "11.0.0" in str(err.value)
+    # the plugin kernel's PTX against this machine's driver: an older driver would refuse it at load
+    with_isa = make_manifest(ptx_isa=87)
+    check_compatible(with_isa, "10.13.0", "NVIDIA H100", (9, 0), driver_ptx_limit=87)
+    check_compatible(manifest, "10.13.0", "NVIDIA H100", (9, 0), driver_ptx_limit=84)  # no plugin PTX recorded
+    with pytest.raises(UserError, match=r"PTX 8\.7, newer than this machine's CUDA driver loads \(up to 8\.4\)"):
+        check_compatible(with_isa, "10.13.0", "NVIDIA H100", (9, 0), driver_ptx_limit=84)
 
 
 def test_profile_error_names_the_fix():
