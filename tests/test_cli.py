@@ -513,7 +513,7 @@ def test_outputs_under_a_file_or_with_too_long_a_name_are_refused_before_any_wor
     afile.write_text("")
     for args in (("train", lr_file, "-o", afile / "m.svmodel", "--steps", "1"),
                  ("infer", model_file, lr_file, "-o", afile / "o.ome.tif"),
-                 ("infer", model_file, lr_file, lr_file, "-o", afile / "out"),
+                 ("infer", model_file, str(lr_file.parent / "*.tif"), "-o", afile / "out"),
                  ("export", model_file, "-o", afile / "sub"),
                  ("simulate", "beads", afile / "s"),
                  ("bench", "--quick", afile / "b")):
