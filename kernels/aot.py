@@ -11,7 +11,9 @@ programmatic dependent launch, tensor memory, TMA descriptors).
 
 The PTX ISA version Triton writes follows its bundled ptxas (8.7 for Triton 3.6), and a CUDA driver
 refuses PTX newer than its own CUDA version (a 12.4 driver loads up to 8.4); TensorRT would only
-fail when it loads the engine. `compile_for_aot` compiles for the installed driver instead.
+fail when it loads the engine. `compile_for_aot` compiles for the installed driver instead, and
+refuses before compiling where that driver's ISA is older than the GPU's architecture needs (Triton
+3.9's LLVM aborts the whole process on such a request rather than raising).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ UNSUPPORTED_FEATURES = (
     ("tmem_size", "tensor memory"),
     ("tensordesc_meta", "TMA tensor descriptors"),
 )
+
+
+#: Oldest PTX ISA that can target each architecture as Triton names it (`sm_90a` from compute
+#: capability 9.0 on: Triton compiles for the arch-specific target), from LLVM's NVPTX processor table.
+MIN_PTX_ISA = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90,
+               120: 87, 121: 88}
 
 
 def ptx_isa(ptx: str) -> Optional[int]:
@@ -95,20 +103,29 @@ def launch_problems(metadata: Any, ptx: str, passed_params: int) -> List[str]:
 
 
 def compile_for_aot(compile_fn: Callable[[Optional[int]], Any], passed_params: int,
-                    driver_version: Optional[int]) -> Any:
+                    driver_version: Optional[int], capability: Optional[int] = None) -> Any:
     """`compile_fn(ptx_version)` (None: Triton's own ISA), at an ISA the driver loads, checked.
 
+    `capability`: the target's compute capability (90 = 9.0), to refuse a driver too old for it
+    before Triton is asked (an architecture missing from `MIN_PTX_ISA` is left to Triton).
     Raises ValueError saying why TensorRT could not launch the result.
     """
+    limit = driver_ptx_limit(driver_version) if driver_version else None
+
+    def too_old(why: str) -> ValueError:
+        return ValueError(f"the CUDA driver loads PTX up to ISA {limit // 10}.{limit % 10}, too old for "
+                          f"this GPU's kernel ({why}); update the NVIDIA driver")
+
+    needed = MIN_PTX_ISA.get(capability) if capability else None
+    if limit is not None and needed is not None and limit < needed:
+        raise too_old(f"sm_{capability} needs ISA {needed // 10}.{needed % 10}")
     compiled = compile_fn(None)
     isa = ptx_isa(compiled.asm["ptx"])
-    limit = driver_ptx_limit(driver_version) if driver_version else None
     if isa is not None and limit is not None and isa > limit:
         try:
             compiled = compile_fn(limit)
         except Exception as exc:  # Triton's compile errors have no common type
-            raise ValueError(f"the CUDA driver loads PTX up to ISA {limit // 10}.{limit % 10}, too old for "
-                             f"this GPU's kernel ({type(exc).__name__}); update the NVIDIA driver") from None
+            raise too_old(type(exc).__name__) from None
     problems = launch_problems(compiled.metadata, compiled.asm["ptx"], passed_params)
     if problems:
         raise ValueError(f"kernel {compiled.metadata.name}: " + "; ".join(problems))

@@ -22,6 +22,9 @@ import triton.language as tl
 
 BLOCK = 1024
 NUM_WARPS = 4
+#: Stated, not left to Triton (3.9 warns that its default changes in 3.10): the epilogue's scale and
+#: offset as a separate multiply and add, rounded as the CPU paths round them.
+FP_FUSION = False
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,14 @@ def pixel_shuffle3d(x, factors: Sequence[int], epilogue: Epilogue = Epilogue(), 
     sizes = (n_out, shape[1], shape[2] // rz, shape[3] // ry, shape[4] // rx)
     grid = launch_grid(n_out)
     if epilogue == Epilogue() and out.dtype == x.dtype:
-        pixel_shuffle3d_kernel[grid](x, *sizes, out, RZ=rz, RY=ry, RX=rx, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        pixel_shuffle3d_kernel[grid](x, *sizes, out, RZ=rz, RY=ry, RX=rx, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                     enable_fp_fusion=FP_FUSION)
         return out
     low, high = epilogue.clamp if epilogue.clamp is not None else (0.0, 0.0)
     pixel_shuffle3d_epilogue_kernel[grid](
         x, *sizes, out, float(epilogue.scale), float(epilogue.offset), float(low), float(high),
         RZ=rz, RY=ry, RX=rx, CLAMP=epilogue.clamp is not None, ROUND=epilogue.round,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
     )
     return out
 
@@ -140,5 +144,7 @@ def compile_plain(dtype: str, factors: Sequence[int], target=None, ptx_version: 
                  "width": "i32", "y_ptr": f"*{dtype}"}
     constexprs = {"RZ": rz, "RY": ry, "RX": rx, "BLOCK": BLOCK}
     src = triton.compiler.ASTSource(fn=pixel_shuffle3d_kernel, signature=signature, constexprs=constexprs)
-    options = {"num_warps": NUM_WARPS} if ptx_version is None else {"num_warps": NUM_WARPS, "ptx_version": ptx_version}
+    options = {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
     return triton.compile(src, target=target, options=options) if target else triton.compile(src, options=options)

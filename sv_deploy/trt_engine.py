@@ -143,9 +143,10 @@ def aot_kernel(dtype: str, factors: Tuple[int, int, int]):
     kernel = _kernel_module()
     from .kernels import aot
 
+    major, minor = _gpu()[1]
     try:
         return aot.compile_for_aot(lambda isa: kernel.compile_plain(dtype, factors, ptx_version=isa),
-                                   KERNEL_PARAMS, aot.cuda_driver_version())
+                                   KERNEL_PARAMS, aot.cuda_driver_version(), major * 10 + minor)
     except ValueError as exc:
         import triton
 

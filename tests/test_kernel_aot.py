@@ -14,7 +14,10 @@ import pytest
 
 pytest.importorskip("triton")
 
+from sv_deploy.kernels import aot  # noqa: E402
 from sv_deploy.kernels.aot import driver_ptx_limit, ptx_isa  # noqa: E402
+
+OLDEST_CHECKED = (80, 89, 90, 100, 120)  # Ampere, Ada, Hopper, Blackwell data centre and desktop
 
 SCRIPT = """
 import json
@@ -35,7 +38,7 @@ def ours(isa):
 
 def for_driver(version):
     try:
-        compiled = aot.compile_for_aot(ours, 7, version)
+        compiled = aot.compile_for_aot(ours, 7, version, 90)
     except ValueError as exc:
         return {"isa": None, "error": str(exc)}
     return {"isa": aot.ptx_isa(compiled.asm["ptx"]), "error": None}
@@ -50,16 +53,32 @@ print(json.dumps({
     "tma": aot.launch_problems(tma.metadata, tma.asm["ptx"], 3),
     "tma_scratch": getattr(tma.metadata, "global_scratch_size", 0),
     "drivers": {str(v): for_driver(v) for v in (None, 12040, 11080)},
+    "oldest": {str(c): aot.ptx_isa(compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", c, 32),
+                                                 ptx_version=aot.MIN_PTX_ISA[c]).asm["ptx"])
+               for c in %r},
 }))
+""" % (OLDEST_CHECKED,)
+
+SCRIPT_BELOW = """
+from triton.backends.compiler import GPUTarget
+from sv_deploy.kernels.aot import MIN_PTX_ISA
+from sv_deploy.kernels.pixel_shuffle3d import compile_plain
+
+compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", 90, 32), ptx_version=MIN_PTX_ISA[90] - 1)
+print("COMPILED")
 """
+
+
+def _compile_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     script = tmp_path_factory.mktemp("aot") / "compile_for_h100.py"  # Triton reads a kernel's source from its file
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_compile_env(),
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -82,8 +101,23 @@ def test_ptx_is_compiled_for_the_driver(compiled):
     assert drivers["None"] == {"isa": compiled["own_isa"], "error": None}  # no driver known: Triton's own ISA
     assert compiled["own_isa"] > 84  # else the next line shows nothing
     assert drivers["12040"] == {"isa": 84, "error": None}  # a CUDA 12.4 driver loads up to ISA 8.4
-    # sm_90 PTX needs ISA 7.8 at least (sm_90a, which Triton targets, 8.0): a CUDA 11.8 driver cannot load it.
+    # sm_90 PTX needs ISA 7.8 at least (sm_90a, which Triton targets, 8.0): a CUDA 11.8 driver cannot
+    # load it, refused before Triton is asked (Triton 3.9's LLVM aborts the process on such a request).
     assert drivers["11080"]["isa"] is None and "update the NVIDIA driver" in drivers["11080"]["error"]
+    assert "sm_90 needs ISA 8.0" in drivers["11080"]["error"]
+
+
+def test_our_kernel_compiles_at_the_oldest_isa_each_architecture_takes(compiled):
+    assert compiled["oldest"] == {str(c): aot.MIN_PTX_ISA[c] for c in OLDEST_CHECKED}
+
+
+def test_one_isa_older_is_refused_by_triton_itself(tmp_path):
+    """Why the table is checked first: below it Triton's compiler fails (3.9 aborts the process)."""
+    script = tmp_path / "below_oldest.py"
+    script.write_text(SCRIPT_BELOW)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_compile_env(),
+                          timeout=300)
+    assert proc.returncode != 0 and "COMPILED" not in proc.stdout
 
 
 def test_driver_isa_limits_agree_with_triton():
