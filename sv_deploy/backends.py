@@ -12,7 +12,7 @@ import torch
 
 from .cuda_io import PinnedStaging, TransferTimes, run_on_gpu
 from .errors import UserError
-from .model import SVStage, fold_stages
+from .model import SVStage, cpu_layout, fold_stages
 
 
 class Backend(Protocol):
@@ -48,7 +48,8 @@ class TorchBackend:
                  compile: bool = False, log=None):
         self.device = device
         self.folded_ensemble = fold_ensemble
-        self.stages: List[SVStage] = [s.to(device).eval() for s in (fold_stages(stages) if fold_ensemble else stages)]
+        self.stages: List[SVStage] = [cpu_layout(s.to(device), device).eval()
+                                      for s in (fold_stages(stages) if fold_ensemble else stages)]
         self._eager = self.stages
         self.log = log or (lambda message: None)
         self._shapes = set()  # pass shapes compiled so far
@@ -125,7 +126,8 @@ class TorchBackend:
     def _cpu_pass(self, stage: int, x: np.ndarray) -> np.ndarray:
         """One sample: on 2 cores oneDNN ran these passes faster one by one than batched (the 3D
         ensemble 4.06 -> 3.60 s, 2D 0.94 -> 0.42 s; BENCH.md, session 7)."""
-        return self.stages[stage](torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        t = cpu_layout(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.device)
+        return self.stages[stage](t).numpy()
 
 
 RECOMPILE_LIMIT = 256

@@ -15,7 +15,7 @@ from .backends import TorchBackend
 from .config import DEAD_GAIN_DB, ArchConfig, Factors, Shape3, StageReport, TrainConfig
 from .enhance import InferenceOptions, back_project, enhance_volume
 from .errors import UserError
-from .model import SVStage, merge_members
+from .model import SVStage, cpu_layout, merge_members
 from .progress import progress_bar
 from .resize import downsample
 
@@ -151,7 +151,7 @@ def train_stage(
     val_patch = fit_patch(val_vol.shape, patch, factors)
     rng = np.random.default_rng(cfg.seed)
     held_out = sample_patches(val_vol, val_patch, cfg.val_patches, rng, turns)
-    val = tuple(t.to(device) for t in make_pairs(held_out, factors))
+    val = tuple(cpu_layout(t.to(device), device) for t in make_pairs(held_out, factors))
     single = dataclasses.replace(arch, members=1)
     members, fits = [], []
     for k in range(arch.members):
@@ -197,7 +197,7 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     (best step, last training loss, best validation loss, interpolation's validation loss)."""
     torch.manual_seed(seed)
     val_lr, val_hr = val
-    stage = SVStage(factors, arch).to(device)
+    stage = cpu_layout(SVStage(factors, arch).to(device), device)
     averaged = copy.deepcopy(stage) if cfg.ema else stage  # what is validated and kept
     opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.01)
@@ -207,7 +207,7 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     bar = progress_bar(cfg.steps, label, "step", progress)
     for step in range(1, cfg.steps + 1):
         patches = sample_patches(train_vol, patch, cfg.batch, rng, turns=factors[1] == factors[2])
-        lr_t, hr_t = (t.to(device) for t in make_pairs(patches, factors))
+        lr_t, hr_t = (cpu_layout(t.to(device), device) for t in make_pairs(patches, factors))
         loss = torch.mean((stage(lr_t) - hr_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
