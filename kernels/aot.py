@@ -41,6 +41,11 @@ MIN_PTX_ISA = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86,
                120: 87, 121: 88}
 
 
+def triton_arch(capability: int) -> str:
+    """The target Triton compiles for: the arch-specific one (`sm_90a`) from capability 9.0 on."""
+    return f"sm_{capability}{'a' if capability >= 90 else ''}"
+
+
 def ptx_isa(ptx: str) -> Optional[int]:
     """`.version 8.7` -> 87 (Triton's `ptx_version` option takes this form)."""
     match = re.search(r"^\s*\.version\s+(\d+)\.(\d+)\s*$", ptx, flags=re.MULTILINE)
@@ -106,8 +111,9 @@ def compile_for_aot(compile_fn: Callable[[Optional[int]], Any], passed_params: i
                     driver_version: Optional[int], capability: Optional[int] = None) -> Any:
     """`compile_fn(ptx_version)` (None: Triton's own ISA), at an ISA the driver loads, checked.
 
-    `capability`: the target's compute capability (90 = 9.0), to refuse a driver too old for it
-    before Triton is asked (an architecture missing from `MIN_PTX_ISA` is left to Triton).
+    `capability`: the target's compute capability as Triton numbers it (major * 10 + minor: 90 for
+    9.0), to refuse a driver too old for it before Triton is asked (an architecture missing from
+    `MIN_PTX_ISA` is left to Triton).
     Raises ValueError saying why TensorRT could not launch the result.
     """
     limit = driver_ptx_limit(driver_version) if driver_version else None
@@ -118,7 +124,7 @@ def compile_for_aot(compile_fn: Callable[[Optional[int]], Any], passed_params: i
 
     needed = MIN_PTX_ISA.get(capability) if capability else None
     if limit is not None and needed is not None and limit < needed:
-        raise too_old(f"sm_{capability} needs ISA {needed // 10}.{needed % 10}")
+        raise too_old(f"{triton_arch(capability)} needs ISA {needed // 10}.{needed % 10}")
     compiled = compile_fn(None)
     isa = ptx_isa(compiled.asm["ptx"])
     if isa is not None and limit is not None and isa > limit:

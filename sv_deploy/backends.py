@@ -42,7 +42,10 @@ class TorchBackend:
     With `compile`, the stages run through torch.compile (inductor: fused element-wise kernels
     between the convolutions), compiled once per pass shape; where compiling fails (no C++
     compiler, no Triton for the GPU, more pass shapes than dynamo allows) it says so once and goes
-    on uncompiled, the same result."""
+    on uncompiled, the same result.
+
+    Takes the stages over: they are moved to the device, and on the CPU into channels-last layout
+    (`model.cpu_layout`), in place; the same weights and results for any later use."""
 
     def __init__(self, stages: Sequence[SVStage], device: torch.device, fold_ensemble: bool = False,
                  compile: bool = False, log=None):

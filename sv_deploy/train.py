@@ -164,7 +164,7 @@ def train_stage(
     if arch.members == 1:
         stage, (best_step, train_loss, best_loss, interp_loss) = members[0], fits[0]
     else:
-        stage = merge_members(members).to(device)
+        stage = cpu_layout(merge_members(members).to(device), device)
         best_step, train_loss = max(f[0] for f in fits), float(np.mean([f[1] for f in fits]))
         interp_loss = fits[0][3]
         best_loss = _mse(stage, *val, cfg.batch)

@@ -33,6 +33,14 @@ def descriptor_copy(x_ptr, n, y_ptr, BLOCK: tl.constexpr):  # an on-device TMA d
     desc = tl.make_tensor_descriptor(x_ptr, shape=[n], strides=[1], block_shape=[BLOCK])
     tl.store(y_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), desc.load([tl.program_id(0) * BLOCK]))
 
+def at_oldest(capability):  # "ok", or why Triton refused the table's ISA for this architecture
+    try:
+        compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", capability, 32),
+                      ptx_version=aot.MIN_PTX_ISA[capability])
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
 def ours(isa):
     return compile_plain("fp16", (1, 2, 2), target=H100, ptx_version=isa)
 
@@ -53,20 +61,24 @@ print(json.dumps({
     "tma": aot.launch_problems(tma.metadata, tma.asm["ptx"], 3),
     "tma_scratch": getattr(tma.metadata, "global_scratch_size", 0),
     "drivers": {str(v): for_driver(v) for v in (None, 12040, 11080)},
-    "oldest": {str(c): aot.ptx_isa(compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", c, 32),
-                                                 ptx_version=aot.MIN_PTX_ISA[c]).asm["ptx"])
-               for c in %r},
+    "oldest": {str(c): at_oldest(c) for c in %r},
 }))
 """ % (OLDEST_CHECKED,)
 
 SCRIPT_BELOW = """
+import sys
 from triton.backends.compiler import GPUTarget
-from sv_deploy.kernels.aot import MIN_PTX_ISA
 from sv_deploy.kernels.pixel_shuffle3d import compile_plain
 
-compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", 90, 32), ptx_version=MIN_PTX_ISA[90] - 1)
+compile_plain("fp32", (2, 2, 2), target=GPUTarget("cuda", int(sys.argv[1]), 32), ptx_version=int(sys.argv[2]))
 print("COMPILED")
 """
+
+
+def previous_isa(isa: int) -> int:
+    """The PTX ISA released before this one (8.0 -> 7.8; there is no 7.9)."""
+    last_minor = {6: 5, 7: 8, 8: 8}
+    return isa - 1 if isa % 10 else (isa // 10 - 1) * 10 + last_minor[isa // 10 - 1]
 
 
 def _compile_env():
@@ -104,20 +116,29 @@ def test_ptx_is_compiled_for_the_driver(compiled):
     # sm_90 PTX needs ISA 7.8 at least (sm_90a, which Triton targets, 8.0): a CUDA 11.8 driver cannot
     # load it, refused before Triton is asked (Triton 3.9's LLVM aborts the process on such a request).
     assert drivers["11080"]["isa"] is None and "update the NVIDIA driver" in drivers["11080"]["error"]
-    assert "sm_90 needs ISA 8.0" in drivers["11080"]["error"]
+    assert "sm_90a needs ISA 8.0" in drivers["11080"]["error"]
 
 
 def test_our_kernel_compiles_at_the_oldest_isa_each_architecture_takes(compiled):
-    assert compiled["oldest"] == {str(c): aot.MIN_PTX_ISA[c] for c in OLDEST_CHECKED}
+    # A table entry too low would fail here (Triton 3.9 would end the fixture's process instead).
+    assert compiled["oldest"] == {str(c): "ok" for c in OLDEST_CHECKED}
 
 
-def test_one_isa_older_is_refused_by_triton_itself(tmp_path):
-    """Why the table is checked first: below it Triton's compiler fails (3.9 aborts the process)."""
+@pytest.mark.parametrize("capability", OLDEST_CHECKED)
+def test_the_isa_before_the_oldest_is_refused_by_triton_itself(tmp_path, capability):
+    """A table entry too high would fail here; and why the table is checked first: below it
+    Triton's compiler fails (3.9's LLVM aborts the process, 3.6's ptxas raises)."""
     script = tmp_path / "below_oldest.py"
     script.write_text(SCRIPT_BELOW)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_compile_env(),
-                          timeout=300)
+    below = previous_isa(aot.MIN_PTX_ISA[capability])
+    proc = subprocess.run([sys.executable, str(script), str(capability), str(below)], capture_output=True,
+                          text=True, env=_compile_env(), timeout=300)
     assert proc.returncode != 0 and "COMPILED" not in proc.stdout
+    assert aot.triton_arch(capability) in proc.stderr, proc.stderr[-2000:]
+
+
+def test_previous_isa_skips_the_versions_never_released():
+    assert [previous_isa(v) for v in (80, 70, 90, 87, 63)] == [78, 65, 88, 86, 62]
 
 
 def test_driver_isa_limits_agree_with_triton():
