@@ -103,10 +103,11 @@ class SVStage(nn.Module):
 
 
 def cpu_layout(x, device: torch.device):
-    """A module or (N, C, D, H, W) tensor in channels-last layout on the CPU, as is elsewhere.
+    """A module or (N, C, D, H, W) tensor in channels-last layout on the CPU; unchanged elsewhere.
 
-    oneDNN's 3D convolutions run faster on it: on 2 cores a 3D x4 run took 60 s against 94 s and a
-    training step 135 against 203 ms (BENCH.md, session 20); no GPU has measured it.
+    oneDNN's 3D convolutions run faster on it: on 2 Intel cores torch's full 3D x4 recipe took 60 s
+    against 94 s, and training 15-23 % less time (BENCH.md and QUALITY.md, session 20); no GPU and
+    no AMD CPU has measured it.
     """
     return x.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else x
 
