@@ -213,8 +213,9 @@ def model_kind(path: str) -> str:
 
 
 def auto_backend(kind: str, device: str) -> str:
-    """The measured-faster path: on a CPU, ONNX Runtime (1.1-1.4x torch on 2 cores, BENCH.md
-    session 7); on a CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional
+    """The measured-faster path: on a CPU, ONNX Runtime (1.2-2.1x torch on the 2-core AMD machines,
+    BENCH.md sessions 15-19; on an Intel one channels-last torch matched or beat it, session 20, so
+    the CPU decides and bench shows it); on a CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional
     extra)."""
     if kind == "onnx":
         return "onnxruntime"
@@ -236,8 +237,8 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
     With `ensemble`, a .svmodel on ONNX Runtime's CPU path runs the self-ensemble folded into one
     network pass (the same result; 3D full recipe 148 -> 122 s on 2 cores, BENCH.md session 11);
     such a backend then only serves runs with the ensemble. torch keeps eight passes: its grouped
-    3D convolutions made the folded network slower on the CPU (216 -> 308 s), and no GPU has
-    measured either way. `compile` (torch only; with backend auto it picks torch for a .svmodel)
+    3D convolutions made the folded network slower on the CPU (216 -> 308 s; in channels-last
+    layout too, 60.2 against 68.1 s, BENCH.md session 20), and no GPU has measured either way. `compile` (torch only; with backend auto it picks torch for a .svmodel)
     runs the network through torch.compile."""
     kind = model_kind(path)
     if compile and (kind != "svmodel" or backend not in ("auto", "torch")):

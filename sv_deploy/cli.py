@@ -344,7 +344,8 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
               help="Run a .svmodel's network through torch.compile (implies --backend torch): each new pass "
                    "shape compiles first (seconds to minutes), so it pays off over many files of one size, "
                    "e.g. with --watch. Needs a C++ compiler on a CPU, Triton on a GPU; without them it "
-                   "warns and runs uncompiled. On a 2-core CPU ONNX Runtime (the default) measured faster.")
+                   "warns and runs uncompiled. On the 2-core AMD CPUs measured ONNX Runtime (the default) was faster, "
+                   "on an Intel one compiled torch: 'sv-deploy bench' shows which on yours.")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Keep running: enhance each TIFF that lands in this folder.")
 @click.option("--settle", type=click.FloatRange(min=0), help="--watch: seconds a file must stay unchanged before it is "
               "read; set it above the longest pause of your acquisition software while it writes a file.  [default: 2]")
