@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from . import __version__
-from .bench_stats import PAPER, markdown, speedup, summarize, table
+from .bench_stats import PAPER, fastest, markdown, speedup, summarize, table
 from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
 from .enhance import InferenceOptions
 from .enhance_file import ReadOptions, enhance_file, read_input
@@ -533,6 +533,7 @@ def _finish(report: dict, outdir: Path, started: float, quick: bool) -> None:
     if hidden:
         report["not_measured"].append(f"host->device / device->host of {', '.join(hidden)} "
                                       "(the copies happen inside ONNX Runtime's run)")
+    report["fastest"] = fastest(report["inference"])
     report["seconds"] = time.perf_counter() - started
     write_report(report, outdir)
 

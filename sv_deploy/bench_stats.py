@@ -37,6 +37,40 @@ def speedup(reference_s: Optional[float], ours_s: Optional[float]) -> Optional[f
     return reference_s / ours_s
 
 
+#: How `sv-deploy infer` runs what each bench row timed.
+INFER_WITH = {
+    "torch eager (cpu)": "infer --backend torch",
+    "torch compiled (cpu)": "infer --compile; timed after compiling, which each new pass shape pays first",
+    "onnxruntime (cpu)": "infer (the default on a CPU)",
+    "torch eager (cuda)": "infer (the default on a GPU)",
+    "torch compiled (cuda)": "infer --compile; timed after compiling, which each new pass shape pays first",
+    "onnxruntime (cuda)": "infer --backend onnxruntime (with onnxruntime-gpu)",
+    "tensorrt (plugin shuffle)": "export --engine, then infer the .plugin.trt.json",
+    "tensorrt (built-in shuffle)": "export --engine --no-plugin, then infer the .builtin.trt.json",
+}
+
+
+def fastest(rows: Sequence[dict]) -> List[dict]:
+    """Per task and mode timed on more than one backend, the shortest file to file, and how infer
+    runs it: which backend is faster depends on the machine (BENCH.md, session 20)."""
+    by_key: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["task"], r["mode"]), []).append(r)
+    out = []
+    for (task, mode), timed in by_key.items():
+        if len({r["backend"] for r in timed}) < 2:
+            continue
+        best = min(timed, key=lambda r: r["file_to_file_s"])
+        out.append({"task": task, "mode": mode, "backend": best["backend"], "file_to_file_s": best["file_to_file_s"],
+                    "infer_with": INFER_WITH.get(best["backend"])})
+    return out
+
+
+def _fastest_lines(report: dict) -> List[str]:
+    return [f"{f['task']} {f['mode']}: {f['backend']}, {f['file_to_file_s']:.3f} s file to file"
+            + (f" ({f['infer_with']})" if f.get("infer_with") else "") for f in report.get("fastest", [])]
+
+
 def _machine(m: dict) -> str:
     """'AMD EPYC (family/model 26/2; avx2, avx512f; 2 CPUs, 23.5 GiB)': the name alone does not
     tell two CPU generations apart."""
@@ -108,6 +142,11 @@ def markdown(report: dict) -> str:
         for t in report["training"]:
             lines.append(f"| {t['recipe']} | {t['steps']} x {t['stages']} | {t['seconds']:.1f} | "
                          f"{_fmt(t.get('paper_s'))} | {_fmt(t.get('speedup'), 'x')} |")
+    if report.get("fastest"):
+        lines += ["", "## Fastest on this machine", ""]
+        if report["quick"]:
+            lines += ["--quick: small volumes, one run each; a smoke check, not a choice to make from it.", ""]
+        lines += [f"- {line}" for line in _fastest_lines(report)]
     if report.get("ratios"):
         lines += ["", "## ONNX Runtime vs torch (same run)", ""]
         for k, v in report["ratios"].items():
@@ -148,4 +187,6 @@ def table(report: dict) -> List[str]:
     for t in report.get("training", []):
         rows.append(f"train    {t['recipe']:<5} {'':<22} {t['seconds']:>9.1f} {'':>8} "
                     f"{_fmt(t.get('paper_s')):>8} {_fmt(t.get('speedup'), 'x'):>8}")
+    if not report["quick"]:
+        rows += [f"fastest here, {line}" for line in _fastest_lines(report)]
     return rows

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sv_deploy.bench_stats import PAPER, speedup, summarize
+from sv_deploy.bench_stats import PAPER, fastest, speedup, summarize
 
 from test_cli import run
 
@@ -19,6 +19,24 @@ def test_summary_statistics():
     with pytest.raises(ValueError):
         summarize([])
     assert speedup(62.0, 31.0) == 2.0 and speedup(None, 1.0) is None
+
+
+def test_fastest_backend_per_task_from_a_real_run():
+    """Session 20's table (BENCH.md): on that Intel machine compiled torch was fastest on every
+    task, ONNX Runtime (infer's CPU default) second or third."""
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/session20/bench_all/bench.json")
+                      .read_text())["inference"]
+    best = {(f["task"], f["mode"]): f for f in fastest(rows)}
+    assert set(best) == {("2d", "full"), ("2d", "fast"), ("3d", "full"), ("3d", "fast")}
+    assert {f["backend"] for f in best.values()} == {"torch compiled (cpu)"}
+    assert best["3d", "full"]["file_to_file_s"] == pytest.approx(59.293, abs=1e-3)
+    assert best["3d", "full"]["infer_with"].startswith("infer --compile;")
+    without = [r for r in rows if r["backend"] != "torch compiled (cpu)"]
+    assert {(f["task"], f["mode"]): f["backend"] for f in fastest(without)}[("3d", "full")] == "torch eager (cpu)"
+    # one backend timed for a task is no choice: left out
+    assert fastest([r for r in rows if r["backend"] == "onnxruntime (cpu)"]) == []
 
 
 def test_peak_rss_sees_a_freed_allocation_and_only_its_own_block():
@@ -68,6 +86,12 @@ def test_quick_bench_writes_its_reports(tmp_path):
     assert "## Repeated inference" in (out / "bench.md").read_text()
     assert "export cache held this model already" in (out / "bench.md").read_text()
     assert set(report["ratios"]) == {"2d full", "2d fast", "3d full", "3d fast"}
+    for f in report["fastest"]:  # shortest of the rows timed for it, named as infer runs it
+        timed = [r for r in report["inference"] if (r["task"], r["mode"]) == (f["task"], f["mode"])]
+        assert f["file_to_file_s"] == min(r["file_to_file_s"] for r in timed) and f["infer_with"]
+    assert {(f["task"], f["mode"]) for f in report["fastest"]} == {(t, m) for t in ("2d", "3d") for m in ("full", "fast")}
+    assert "a smoke check, not a choice to make from it" in (out / "bench.md").read_text()
+    assert "fastest here" not in result.stderr  # --quick: not on screen as if it were a measurement
     shown = [line for line in result.stderr.splitlines() if line.startswith("not available: torch compiled (cpu)")]
     assert shown and "skipped with --quick" in shown[0]  # on screen too, not only in the files
     assert "not compared here: --quick times smaller volumes" in (out / "bench.md").read_text()
