@@ -37,38 +37,51 @@ def speedup(reference_s: Optional[float], ours_s: Optional[float]) -> Optional[f
     return reference_s / ours_s
 
 
-#: How `sv-deploy infer` runs what each bench row timed.
+#: How `sv-deploy infer` runs what each bench row timed (the full recipe; fast adds --no-ensemble).
 INFER_WITH = {
-    "torch eager (cpu)": "infer --backend torch",
-    "torch compiled (cpu)": "infer --compile; timed after compiling, which each new pass shape pays first",
-    "onnxruntime (cpu)": "infer (the default on a CPU)",
+    "torch eager (cpu)": "infer --backend torch --device cpu",
+    "torch compiled (cpu)": "infer --compile --device cpu; timed after compiling, which each new pass shape pays first",
+    "onnxruntime (cpu)": "infer --device cpu (the default without a GPU)",
     "torch eager (cuda)": "infer (the default on a GPU)",
     "torch compiled (cuda)": "infer --compile; timed after compiling, which each new pass shape pays first",
     "onnxruntime (cuda)": "infer --backend onnxruntime (with onnxruntime-gpu)",
     "tensorrt (plugin shuffle)": "export --engine, then infer the .plugin.trt.json",
     "tensorrt (built-in shuffle)": "export --engine --no-plugin, then infer the .builtin.trt.json",
 }
+#: Single runs of one row spread by 10-20 % on the 2-core machines (BENCH.md): a lead below this
+#: is no reason to switch backends.
+CLEAR_LEAD = 1.10
 
 
 def fastest(rows: Sequence[dict]) -> List[dict]:
-    """Per task and mode timed on more than one backend, the shortest file to file, and how infer
-    runs it: which backend is faster depends on the machine (BENCH.md, session 20)."""
+    """Per task (and input shape) and mode timed on more than one backend, the shortest file to
+    file, the runner-up, and how infer runs the winner: which backend is faster depends on the
+    machine (BENCH.md, session 20)."""
     by_key: Dict[tuple, List[dict]] = {}
     for r in rows:
-        by_key.setdefault((r["task"], r["mode"]), []).append(r)
+        by_key.setdefault((r["task"], tuple(r.get("input_shape") or ()), r["mode"]), []).append(r)
     out = []
-    for (task, mode), timed in by_key.items():
+    for (task, _, mode), timed in by_key.items():
         if len({r["backend"] for r in timed}) < 2:
             continue
-        best = min(timed, key=lambda r: r["file_to_file_s"])
+        best, second = sorted(timed, key=lambda r: r["file_to_file_s"])[:2]
+        how = INFER_WITH.get(best["backend"])
+        if how and mode == "fast":
+            how = how.replace("infer", "infer --no-ensemble", 1)
+        lead = second["file_to_file_s"] / best["file_to_file_s"]
         out.append({"task": task, "mode": mode, "backend": best["backend"], "file_to_file_s": best["file_to_file_s"],
-                    "infer_with": INFER_WITH.get(best["backend"])})
+                    "runner_up": second["backend"], "lead": lead, "clear": lead >= CLEAR_LEAD, "infer_with": how})
     return out
 
 
 def _fastest_lines(report: dict) -> List[str]:
-    return [f"{f['task']} {f['mode']}: {f['backend']}, {f['file_to_file_s']:.3f} s file to file"
-            + (f" ({f['infer_with']})" if f.get("infer_with") else "") for f in report.get("fastest", [])]
+    lines = []
+    for f in report.get("fastest", []):
+        lead = (f"{f['lead']:.2f}x ahead of {f['runner_up']}" if f["clear"] else
+                f"within {100 * (CLEAR_LEAD - 1):.0f} % of {f['runner_up']}: no clear winner")
+        lines.append(f"{f['task']} {f['mode']}: {f['backend']}, {f['file_to_file_s']:.3f} s file to file, {lead}"
+                     + (f" ({f['infer_with']})" if f.get("infer_with") else ""))
+    return lines
 
 
 def _machine(m: dict) -> str:
@@ -143,9 +156,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {t['recipe']} | {t['steps']} x {t['stages']} | {t['seconds']:.1f} | "
                          f"{_fmt(t.get('paper_s'))} | {_fmt(t.get('speedup'), 'x')} |")
     if report.get("fastest"):
-        lines += ["", "## Fastest on this machine", ""]
+        lines += ["", "## Fastest of the backends timed here", ""]
         if report["quick"]:
             lines += ["--quick: small volumes, one run each; a smoke check, not a choice to make from it.", ""]
+        elif report.get("interrupted"):
+            lines += ["Interrupted: some backends were not timed.", ""]
         lines += [f"- {line}" for line in _fastest_lines(report)]
     if report.get("ratios"):
         lines += ["", "## ONNX Runtime vs torch (same run)", ""]

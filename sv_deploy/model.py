@@ -106,7 +106,7 @@ def cpu_layout(x, device: torch.device):
     """A module or (N, C, D, H, W) tensor in channels-last layout on the CPU; unchanged elsewhere.
 
     oneDNN's 3D convolutions run faster on it: on 2 Intel cores torch's full 3D x4 recipe took 60 s
-    against 94 s, and training 15-23 % less time (BENCH.md and QUALITY.md, session 20); no GPU and
+    against 94 s, and training 10-23 % less time (BENCH.md and QUALITY.md, session 20); no GPU and
     no AMD CPU has measured it.
     """
     return x.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else x
