@@ -84,16 +84,25 @@ class SVStage(nn.Module):
 
     def interpolate_phases(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch.interp_border == "replicate":
-            return F.conv3d(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
+            return padded_conv(F.pad(x, self.interp_pad, mode="replicate"), self.interp_weight)
         radii = [k // 2 for k in self.interp_weight.shape[2:]]
-        return F.conv3d(symmetric_pad(x, radii), self.interp_weight)
+        return padded_conv(symmetric_pad(x, radii), self.interp_weight)
 
     def residual_phases(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[2] == 1:  # static under export: only a 2D model is traced with depth 1
             for layer in (*self.extract, *self.shrink, *self.mid, self.expand):
                 x = single_plane_conv(layer, x) if isinstance(layer, nn.Conv3d) else layer(x)
             return x
-        return self.expand(self.mid(self.shrink(self.extract(x))))
+        if not use_onednn(x):  # the modules' own calls: the exported graph keeps their names
+            return self.expand(self.mid(self.shrink(self.extract(x))))
+        for layer in (*self.extract, *self.shrink, *self.mid, self.expand):
+            if isinstance(layer, nn.Conv3d):
+                x = padded_conv(F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+                                if layer.padding_mode != "zeros" else x, layer.weight, layer.bias, layer.groups,
+                                layer.padding if layer.padding_mode == "zeros" else (0, 0, 0))
+            else:
+                x = layer(x)
+        return x
 
     def interpolate(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle_3d(self.interpolate_phases(x), self.factors)
@@ -168,7 +177,31 @@ def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     else:
         weight = conv.weight[:, :, kz // 2]
         padding = (py, px)
-    return F.conv2d(plane, weight, conv.bias, padding=padding, groups=conv.groups).unsqueeze(2)
+    return padded_conv(plane, weight, conv.bias, conv.groups, padding).unsqueeze(2)
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether `padded_conv` calls oneDNN itself: float32 on the CPU, no autograd, not traced.
+
+    For a batch of one, torch runs 3x3(x3) convolutions through its slow reference kernel when
+    N*C*D*H (N*C*H*W in 2D) is at most 20480, a rule made for small 2D images that leaves out W:
+    thin stacks and small tiles (the 5-plane bead example, --max-memory blocks) ran their 6-channel
+    layers 4-10x slower (BENCH.md, session 21). Training batches are above the rule; export and
+    torch.compile keep the plain call, their own graph."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():  # first: nothing else is traced
+        return False
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available())
+
+
+def padded_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, groups: int = 1, padding=None) -> torch.Tensor:
+    """F.conv3d / F.conv2d (by x's rank), stride 1, zero `padding` (none by default)."""
+    spatial = x.dim() - 2
+    padding = tuple(padding) if padding is not None else (0,) * spatial
+    if use_onednn(x):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, (1,) * spatial, (1,) * spatial, groups)
+    conv = F.conv3d if spatial == 3 else F.conv2d
+    return conv(x, weight, bias, padding=padding, groups=groups)
 
 
 def merge_members(members: Sequence[SVStage]) -> SVStage:

@@ -95,6 +95,32 @@ def test_cpu_backend_one_sample_per_pass_equals_the_batched_stage(factors, shape
     np.testing.assert_allclose(got, batched, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+@pytest.mark.parametrize("factors,shape", [((2, 2, 2), (1, 1, 5, 40, 40)), ((1, 2, 2), (1, 1, 1, 12, 12))])
+def test_cpu_inference_runs_every_convolution_in_onednn_with_the_modules_result(padding, factors, shape):
+    """A thin block (the 5-plane bead example) or a small plane, one sample a pass: torch's own
+    rule sent their 3x3 layers to its slow reference kernel, several times slower."""
+    import copy
+
+    from torch.profiler import profile
+
+    from sv_deploy.backends import TorchBackend
+
+    torch.manual_seed(0)
+    stage = SVStage(factors, ArchConfig(padding=padding)).eval()
+    for p in stage.parameters():
+        p.data.normal_(0, 0.1)
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    want = stage(torch.from_numpy(x)).detach().numpy()  # autograd on: the modules' own calls
+    backend = TorchBackend([copy.deepcopy(stage)], torch.device("cpu"))
+    with profile() as prof:
+        got = backend.predict(0, x)
+    names = {event.name for event in prof.events()}
+    assert "aten::mkldnn_convolution" in names and not [n for n in names if "slow_conv" in n], sorted(names)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("factors,groups,shape", [((2, 2, 2), 1, (2, 1, 6, 9, 8)), ((1, 2, 2), 2, (2, 1, 1, 10, 12))])
 def test_merged_members_output_the_mean_of_the_members(factors, groups, shape):
     from sv_deploy.model import merge_members
