@@ -213,10 +213,10 @@ def model_kind(path: str) -> str:
 
 
 def auto_backend(kind: str, device: str) -> str:
-    """The measured-faster path: on a CPU, ONNX Runtime (1.2-2.1x torch on the 2-core AMD machines,
-    BENCH.md sessions 15-19; on an Intel one channels-last torch matched or beat it, session 20, so
-    the CPU decides and bench shows it); on a CUDA GPU a .svmodel stays on torch (ONNX Runtime's GPU package is an optional
-    extra)."""
+    """The backend a model file runs on: an export on its own runtime; a .svmodel on a CUDA GPU on
+    torch (ONNX Runtime's GPU package is an optional extra); on a CPU "measure": the faster of
+    ONNX Runtime and torch there, timed once (`cpu_choice`), or torch where ONNX Runtime is not
+    installed."""
     if kind == "onnx":
         return "onnxruntime"
     if kind == "engine":
@@ -227,7 +227,7 @@ def auto_backend(kind: str, device: str) -> str:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "torch"
-    return "onnxruntime"
+    return "measure"
 
 
 def open_backend(path: str, backend: str = "auto", device: str = "auto", log=print, ensemble: bool = False,
@@ -246,6 +246,11 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
                         f"{'--backend ' + backend if kind == 'svmodel' else path}; drop --compile")
     if backend == "auto":
         backend = "torch" if compile else auto_backend(kind, device)
+        if backend == "measure":
+            from .cpu_choice import choose
+            from .model_file import load_model
+
+            backend = choose(path, load_model(path)[0], ensemble, log)
     if backend == "torch":
         if kind != "svmodel":
             raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import threading
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import psutil
 import torch
 
 from . import __version__
@@ -31,6 +29,7 @@ from .config import ArchConfig, ModelConfig, Shape3, TrainConfig
 from .enhance import InferenceOptions
 from .enhance_file import ReadOptions, enhance_file, read_input
 from .errors import UserError
+from .machine import machine
 from .model_file import load_model, save_model
 from .model import SVStage
 from .normalize import normalize, percentiles
@@ -388,39 +387,6 @@ def time_training(quick: bool, log) -> List[dict]:
 
 # Vector-unit flags that decide how fast the CPU kernels can be: two machines both named "AMD EPYC"
 # ran the same bench 1.4x apart (BENCH.md, session 15).
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "asimd", "sve")
-
-
-def machine() -> dict:
-    cpu, family, model, flags = platform.processor(), None, None, []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name":
-                cpu = value
-            elif key == "cpu family":
-                family = value
-            elif key == "model":
-                model = value
-            elif key in ("flags", "Features"):
-                flags = [f for f in CPU_FLAGS if f in value.split()]
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_family_model": None if family is None else f"{family}/{model}", "cpu_flags": flags,
-            "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu,
-            "platform": platform.platform(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "onnxruntime": _version("onnxruntime")}
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
-
-
 def _merge_availability(listed: List[dict], found: List[dict], task: str) -> None:
     """One row per backend over all tasks: available if it ran for any; the reason names each task
     it could not run for."""

@@ -41,7 +41,7 @@ def speedup(reference_s: Optional[float], ours_s: Optional[float]) -> Optional[f
 INFER_WITH = {
     "torch eager (cpu)": "infer --backend torch --device cpu",
     "torch compiled (cpu)": "infer --compile --device cpu; timed after compiling, which each new pass shape pays first",
-    "onnxruntime (cpu)": "infer --device cpu (the default without a GPU)",
+    "onnxruntime (cpu)": "infer --backend onnxruntime --device cpu",
     "torch eager (cuda)": "infer (the default on a GPU)",
     "torch compiled (cuda)": "infer --compile; timed after compiling, which each new pass shape pays first",
     "onnxruntime (cuda)": "infer --backend onnxruntime (with onnxruntime-gpu)",

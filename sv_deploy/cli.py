@@ -291,7 +291,7 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
     read = ReadOptions(axes, channel, time_index, voxel_size, series)
     beside = Path(input_path).parent / output_name(input_path, factors, read)  # where infer would put it: by the input
     click.echo(f"next: {_infer_command(out, input_path, beside, read)}", err=True)
-    _prepare_cpu_inference(config, trained, digest)
+    _prepare_cpu_inference(out, config, trained, digest)
 
 
 def _infer_command(model, path, out, read) -> str:
@@ -307,20 +307,23 @@ def _infer_command(model, path, out, read) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _prepare_cpu_inference(config, stages, digest) -> None:
-    """Fill the export cache now, so the first `infer` on a CPU does not pay the export (~5 s); the
-    export infer uses by default, with the ensemble folded in."""
+def _prepare_cpu_inference(model_path, config, stages, digest) -> None:
+    """Settle now which backend `infer` runs on this CPU (timed once per machine and kind of model)
+    and, if ONNX Runtime, fill its export cache (with the ensemble folded in, as infer's default
+    runs it), so the first `infer` pays neither (seconds)."""
     from .backends import auto_backend
 
-    if auto_backend("svmodel", "auto") != "onnxruntime":
+    if auto_backend("svmodel", "auto") != "measure":
         return
+    from .cpu_choice import choose
     from .onnx_cache import cached_export
 
     try:
-        cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None, folded=True)
-    except Exception as exc:  # noqa: BLE001 - the model file is written; the cache is only a speed-up
-        click.echo(f"warning: could not prepare the ONNX Runtime export ({type(exc).__name__}); "
-                   "'infer' will try again", err=True)
+        if choose(str(model_path), config, True, log=lambda m: click.echo(m, err=True)) == "onnxruntime":
+            cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None, folded=True)
+    except Exception as exc:  # noqa: BLE001 - the model file is written; this is only a speed-up
+        click.echo(f"warning: could not prepare inference on this CPU ({type(exc).__name__}); 'infer' will "
+                   "try again", err=True)
 
 
 @main.command()
@@ -337,15 +340,16 @@ def _prepare_cpu_inference(config, stages, digest) -> None:
 @click.option("--dtype", "out_dtype", type=click.Choice(["input", "float32", "uint8", "uint16"]), default="input",
               show_default=True, help="Output pixel type.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True, help="auto: .onnx -> onnxruntime, .trt.json -> tensorrt, .svmodel -> onnxruntime on a CPU (export cached "
-                   "once, see README) and torch on a CUDA GPU.")
+              show_default=True, help="auto: .onnx -> onnxruntime, .trt.json -> tensorrt, .svmodel -> torch on a CUDA GPU and on a CPU "
+                   "the faster of onnxruntime and torch there, timed once per machine and kind of model (a few "
+                   "seconds; kept in the cache folder, see README).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--compile", "compile_net", is_flag=True,
               help="Run a .svmodel's network through torch.compile (implies --backend torch): each new pass "
                    "shape compiles first (seconds to minutes), so it pays off over many files of one size, "
                    "e.g. with --watch. Needs a C++ compiler on a CPU, Triton on a GPU; without them it "
-                   "warns and runs uncompiled. On the 2-core AMD CPUs measured ONNX Runtime (the default) was faster, "
-                   "on an Intel one compiled torch: 'sv-deploy bench' shows which on yours.")
+                   "warns and runs uncompiled. On the 2-core AMD CPUs measured ONNX Runtime was faster, on an "
+                   "Intel one compiled torch: 'sv-deploy bench' shows which on yours.")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Keep running: enhance each TIFF that lands in this folder.")
 @click.option("--settle", type=click.FloatRange(min=0), help="--watch: seconds a file must stay unchanged before it is "
               "read; set it above the longest pause of your acquisition software while it writes a file.  [default: 2]")

@@ -1,6 +1,6 @@
 """A per-user cache of ONNX exports, so a .svmodel runs on ONNX Runtime without re-exporting each call.
 
-ONNX Runtime is the faster CPU path (benchmarks/BENCH.md), but exporting costs seconds; the export
+ONNX Runtime is the faster CPU path on many CPUs (`cpu_choice`), but exporting costs seconds; the export
 is written once under the cache folder, named by the model's checksum, the versions that made it
 and a digest of the code that writes the graph (so an edited or upgraded install never reuses an
 older graph under an unchanged version string), and checked against that checksum and its own
@@ -92,7 +92,7 @@ def cached_export(config, stages, sha256: str, log: Callable[[str], None] = prin
             _touch(path)
             return model
         log(f"cached export {path} does not match the model; exporting again")
-    log("exporting the model to ONNX once for ONNX Runtime (the faster CPU path)")
+    log("exporting the model to ONNX once for ONNX Runtime")
     model = to_onnx(config, stages, sha256, folded_ensemble=folded)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -74,17 +74,23 @@ def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     assert "overfits below about 300,000" in result.stderr  # the crop is small: the user is told
     info = run("info", model)
     assert '"input_sha256"' in info.output and '"stages"' in info.output
-    # on a CPU the export for ONNX Runtime is cached by train, so the first infer does not export
-    from sv_deploy.model_file import read_header
+    # on a CPU train settles which backend infer runs (and caches the export if it is ONNX
+    # Runtime), so the first infer neither times the backends nor exports
+    from sv_deploy.backends import auto_backend
+    from sv_deploy.cpu_choice import choose
+    from sv_deploy.model_file import load_model
     from sv_deploy.onnx_cache import cache_path
 
-    from sv_deploy.backends import auto_backend
-
-    if auto_backend("svmodel", "auto") != "onnxruntime":
+    if auto_backend("svmodel", "auto") != "measure":
         return  # a CUDA machine keeps torch for a .svmodel and needs no export
-    assert cache_path(read_header(model)["sha256"], folded=True).is_file()
+    config, _, sha256 = load_model(model)
+    notes = []
+    chosen = choose(str(model), config, True, notes.append)
+    assert notes == []  # kept by train
+    assert cache_path(sha256, folded=True).is_file() == (chosen == "onnxruntime")
     result = run("infer", model, lr_file, "-o", tmp_path / "o.ome.tif", "--bp-iters", "1", "-q")
-    assert result.exit_code == 0 and "onnxruntime" in result.stderr and "export" not in result.stderr
+    assert result.exit_code == 0 and f"with {chosen} (cpu" in result.stderr
+    assert "export" not in result.stderr and "timing" not in result.stderr
 
 
 def test_evaluate_prints_the_three_rows(lr_file, tmp_path, flybrain_crop):
@@ -239,13 +245,47 @@ def test_export_then_onnxruntime_infer_equals_torch_infer(model_file, lr_file, t
     assert np.abs(a.data - b.data).max() <= 1e-5 * span
 
 
-def test_default_backend_on_cpu_is_onnxruntime_with_the_export_cached_once(model_file, lr_file, tmp_path,
-                                                                           monkeypatch):
+def test_auto_backend_on_a_cpu_times_both_once_per_kind_of_run_and_keeps_the_faster(model_file, lr_file, tmp_path,
+                                                                                   monkeypatch):
+    from sv_deploy import cpu_choice
+
+    monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(cpu_choice.TIMED_BLOCK, "3d", (10, 48, 48))  # the real code, a smaller block
+    common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q", "--device", "cpu"]
+    first = run("infer", model_file, lr_file, "-o", tmp_path / "a.ome.tif", *common)
+    assert first.exit_code == 0, first.output
+    assert "timing ONNX Runtime and torch on this CPU for 3D models with the ensemble" in first.stderr
+    kept = cpu_choice.read_choices(tmp_path / "cache" / cpu_choice.FILE)
+    (entry,) = kept.values()
+    seconds = entry["seconds"]
+    assert set(seconds) == {"onnxruntime", "torch"} and min(seconds.values()) > 0 and entry["block"] == [10, 48, 48]
+    chosen = entry["backend"]
+    assert chosen == cpu_choice.faster(seconds) and f"infer runs {chosen} here" in first.stderr
+    assert f"with {chosen} (cpu" in first.stderr
+    # kept: the next run goes straight to it, with the same result as naming it
+    second = run("infer", model_file, lr_file, "-o", tmp_path / "b.ome.tif", *common)
+    assert second.exit_code == 0 and "timing" not in second.stderr and f"with {chosen} (cpu" in second.stderr
+    named = run("infer", model_file, lr_file, "-o", tmp_path / "c.ome.tif", *common, "--backend", chosen)
+    assert named.exit_code == 0
+    a, b, c = (read_volume(tmp_path / n).data for n in ("a.ome.tif", "b.ome.tif", "c.ome.tif"))
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    # without the ensemble the runs differ (one pass each): timed on their own
+    fast = run("infer", model_file, lr_file, "-o", tmp_path / "d.ome.tif", *common, "--no-ensemble")
+    assert fast.exit_code == 0 and "for 3D models without the ensemble" in fast.stderr
+    assert len(cpu_choice.read_choices(tmp_path / "cache" / cpu_choice.FILE)) == 2
+    # a damaged record is timed again, not trusted or fatal
+    (tmp_path / "cache" / cpu_choice.FILE).write_text("{not json")
+    again = run("infer", model_file, lr_file, "-o", tmp_path / "e.ome.tif", *common)
+    assert again.exit_code == 0 and "timing ONNX Runtime and torch" in again.stderr
+
+
+def test_onnxruntime_on_a_svmodel_caches_its_export_once(model_file, lr_file, tmp_path, monkeypatch):
     from sv_deploy.onnx_cache import cache_path
     from sv_deploy.model_file import read_header
 
     monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
-    common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q", "--device", "cpu"]
+    common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q", "--device", "cpu",
+              "--backend", "onnxruntime"]
     first = run("infer", model_file, lr_file, "-o", tmp_path / "a.ome.tif", *common)
     assert first.exit_code == 0, first.output
     assert "onnxruntime" in first.stderr and "cached the export" in first.stderr
@@ -253,7 +293,7 @@ def test_default_backend_on_cpu_is_onnxruntime_with_the_export_cached_once(model
     assert cached.is_file() and cached.parent.parent == tmp_path / "cache"
     second = run("infer", model_file, lr_file, "-o", tmp_path / "b.ome.tif", *common)
     assert second.exit_code == 0 and "onnxruntime" in second.stderr and "export" not in second.stderr
-    assert run("infer", model_file, lr_file, "-o", tmp_path / "t.ome.tif", "--backend", "torch", *common).exit_code == 0
+    assert run("infer", model_file, lr_file, "-o", tmp_path / "t.ome.tif", *common[:-1], "torch").exit_code == 0
     a, b, t = (read_volume(tmp_path / n).data for n in ("a.ome.tif", "b.ome.tif", "t.ome.tif"))
     assert np.array_equal(a, b)
     assert np.abs(a - t).max() <= 1e-5 * float(t.max() - t.min())
