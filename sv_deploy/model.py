@@ -96,12 +96,14 @@ class SVStage(nn.Module):
         if not use_onednn(x):  # the modules' own calls: the exported graph keeps their names
             return self.expand(self.mid(self.shrink(self.extract(x))))
         for layer in (*self.extract, *self.shrink, *self.mid, self.expand):
-            if isinstance(layer, nn.Conv3d):
-                x = padded_conv(F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-                                if layer.padding_mode != "zeros" else x, layer.weight, layer.bias, layer.groups,
-                                layer.padding if layer.padding_mode == "zeros" else (0, 0, 0))
-            else:
+            if not isinstance(layer, nn.Conv3d):
                 x = layer(x)
+            elif layer.padding_mode == "zeros":
+                x = padded_conv(x, layer.weight, layer.bias, layer.groups, layer.padding)
+            else:
+                pads = layer._reversed_padding_repeated_twice
+                x = padded_conv(replicate_pad(x, pads) if layer.padding_mode == "replicate" else
+                                F.pad(x, pads, mode=layer.padding_mode), layer.weight, layer.bias, layer.groups)
         return x
 
     def interpolate(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,12 +174,36 @@ def single_plane_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     plane = x.squeeze(2)
     if conv.padding_mode == "replicate":
         weight = conv.weight.sum(dim=2)
-        plane = F.pad(plane, (px, px, py, py), mode="replicate")
+        plane = replicate_pad(plane, (px, px, py, py)) if use_onednn(plane) else \
+            F.pad(plane, (px, px, py, py), mode="replicate")
         padding = (0, 0)
     else:
         weight = conv.weight[:, :, kz // 2]
         padding = (py, px)
     return padded_conv(plane, weight, conv.bias, conv.groups, padding).unsqueeze(2)
+
+
+def replicate_pad(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
+    """F.pad(x, pads, mode="replicate") (pads as F.pad takes them, last axis first), written into one
+    new tensor of x's layout: torch's own kernel took 6x as long on channels-last maps of few
+    channels (8.6 against 1.2 ms for 6x40x136x136; BENCH.md, session 21)."""
+    spatial = x.dim() - 2
+    widths = [(pads[2 * (spatial - 1 - a)], pads[2 * (spatial - 1 - a) + 1]) for a in range(spatial)]
+    shape = tuple(x.shape[:2]) + tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], widths))
+    layout = torch.channels_last_3d if spatial == 3 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+        else torch.channels_last if spatial == 2 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+    inner = [slice(lo, lo + n) for n, (lo, _) in zip(x.shape[2:], widths)]
+    head = (slice(None), slice(None))
+    out[head + tuple(inner)] = x
+    for a, (lo, hi) in enumerate(widths):  # each axis over the axes before it padded, after it not yet
+        n = x.shape[2 + a]
+        rest = [slice(None)] * a, inner[a + 1:]
+        for band, edge in ((slice(0, lo), slice(lo, lo + 1)), (slice(lo + n, lo + n + hi), slice(lo + n - 1, lo + n))):
+            if band.stop > band.start:
+                out[head + tuple(rest[0]) + (band,) + tuple(rest[1])] = out[head + tuple(rest[0]) + (edge,) + tuple(rest[1])]
+    return out
 
 
 def use_onednn(x: torch.Tensor) -> bool:

@@ -95,6 +95,21 @@ def test_cpu_backend_one_sample_per_pass_equals_the_batched_stage(factors, shape
     np.testing.assert_allclose(got, batched, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,pads", [((1, 6, 5, 7, 9), (1, 1, 1, 1, 1, 1)), ((2, 3, 4, 6, 5), (2, 0, 0, 3, 1, 2)),
+                                        ((1, 1, 3, 3, 3), (4, 4, 4, 4, 4, 4)), ((1, 6, 9, 11), (1, 2, 0, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_replicate_pad_equals_torchs_and_keeps_the_layout(shape, pads, channels_last):
+    from sv_deploy.model import replicate_pad
+
+    x = torch.rand(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    got = replicate_pad(x, pads)
+    assert torch.equal(got, torch.nn.functional.pad(x, pads, mode="replicate"))  # pads wider than the axis too
+    if channels_last and shape[1] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("padding", ["replicate", "zeros"])
 @pytest.mark.parametrize("factors,shape", [((2, 2, 2), (1, 1, 5, 40, 40)), ((1, 2, 2), (1, 1, 1, 12, 12))])
