@@ -251,6 +251,7 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
             from .model_file import load_model
 
             backend = choose(path, load_model(path)[0], ensemble, log)
+            device = "cpu"  # as timed (onnxruntime-gpu could see a GPU torch does not)
     if backend == "torch":
         if kind != "svmodel":
             raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")

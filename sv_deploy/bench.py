@@ -385,8 +385,6 @@ def time_training(quick: bool, log) -> List[dict]:
     return out
 
 
-# Vector-unit flags that decide how fast the CPU kernels can be: two machines both named "AMD EPYC"
-# ran the same bench 1.4x apart (BENCH.md, session 15).
 def _merge_availability(listed: List[dict], found: List[dict], task: str) -> None:
     """One row per backend over all tasks: available if it ran for any; the reason names each task
     it could not run for."""

@@ -40,13 +40,8 @@ def friendly(func):
         except UserError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            # Every partial output is gone by now (removed while unwinding). Leave without interpreter
-            # shutdown: a native thread pool (torch, ONNX Runtime) tearing down after a SIGINT could
-            # kill the process by the signal (exit -2) instead of the promised 130.
-            click.echo(f"error: {_STOPPED_BY[1]}; the output in progress was not written", err=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + _STOPPED_BY[0])  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+            # Every partial output is gone by now (removed while unwinding).
+            _leave_stopped("the output in progress was not written")
         except MemoryError:
             _fail("out of memory; use a smaller --tile (or --batch when training)", 3)
         except OSError as exc:  # a full disk or a share gone away mid-write (partial outputs are removed)
@@ -54,6 +49,16 @@ def friendly(func):
             _fail(f"{exc.strerror or exc}{where}", 4)
 
     return wrapper
+
+
+def _leave_stopped(what: str) -> None:
+    """Exit after Ctrl-C or a termination signal, without interpreter shutdown: a native thread
+    pool (torch, ONNX Runtime) tearing down after a SIGINT could kill the process by the signal
+    (exit -2) instead of the promised 130."""
+    click.echo(f"error: {_STOPPED_BY[1]}; {what}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + _STOPPED_BY[0])  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 def _triple(kind=int, example="16,48,48"):
@@ -321,9 +326,12 @@ def _prepare_cpu_inference(model_path, config, stages, digest) -> None:
     try:
         if choose(str(model_path), config, True, log=lambda m: click.echo(m, err=True)) == "onnxruntime":
             cached_export(config, [s.cpu() for s in stages], digest, log=lambda m: None, folded=True)
+    except KeyboardInterrupt:
+        _leave_stopped(f"{model_path} is written and complete; only the timing of the CPU backends for "
+                       "'infer' was cut short, and infer does it itself")
     except Exception as exc:  # noqa: BLE001 - the model file is written; this is only a speed-up
-        click.echo(f"warning: could not prepare inference on this CPU ({type(exc).__name__}); 'infer' will "
-                   "try again", err=True)
+        click.echo(f"warning: could not prepare inference on this CPU ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); 'infer' will try again", err=True)
 
 
 @main.command()
@@ -341,8 +349,8 @@ def _prepare_cpu_inference(model_path, config, stages, digest) -> None:
               show_default=True, help="Output pixel type.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto: .onnx -> onnxruntime, .trt.json -> tensorrt, .svmodel -> torch on a CUDA GPU and on a CPU "
-                   "the faster of onnxruntime and torch there, timed once per machine and kind of model (a few "
-                   "seconds; kept in the cache folder, see README).")
+                   "the faster of onnxruntime and torch there, timed once per machine and kind of run (2D/3D, "
+                   "with or without the ensemble; seconds to a minute, kept in the cache folder, see README).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--compile", "compile_net", is_flag=True,
               help="Run a .svmodel's network through torch.compile (implies --backend torch): each new pass "

@@ -11,6 +11,7 @@ rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,9 +29,10 @@ from .config import ModelConfig
 CHOICES = ("onnxruntime", "torch")
 FILE = "cpu_backend.json"
 KEEP = 64  # kinds of model remembered per file; each entry is a few lines
-# Input voxels of the timed pass: a block as infer runs on large files (it reads up to 1 M voxels a
-# pass), small enough that timing both backends three times takes seconds.
-TIMED_BLOCK = {"2d": (1, 512, 512), "3d": (24, 144, 144)}
+# Input voxels of the timed pass, near what infer runs on large files (up to 1 M voxels a pass): for
+# 2D a whole 1 M-pixel pass (at 512x512 the two tied, at 1024x1024 ONNX Runtime led 1.5x with the
+# ensemble; BENCH.md session 21); for 3D less, so that timing both three times takes seconds.
+TIMED_BLOCK = {"2d": (1, 1024, 1024), "3d": (24, 144, 144)}
 REPEATS = 2  # timed passes after one warm-up; the faster counts
 MARGIN = 1.05
 
@@ -51,19 +53,21 @@ def workload(config: ModelConfig, ensemble: bool) -> Optional[dict]:
             "factors": list(config.stages[stage]), "arch": dataclasses.asdict(config.arch)}
 
 
-# The modules whose code decides either backend's speed (a change times again).
-TIMED_MODULES = ("model.py", "backends.py", "ort_backend.py", "export.py", "onnx_graph.py", "shuffle_op.py")
+# The modules whose code decides either backend's speed or how it is timed (a change times again).
+TIMED_MODULES = ("model.py", "backends.py", "ort_backend.py", "export.py", "onnx_graph.py", "shuffle_op.py",
+                 "enhance.py", "cpu_choice.py")
 
 
 def machine_key() -> dict:
-    from .machine import machine
+    import torch
+
+    from .machine import cpu, module_version
     from .onnx_cache import code_digest
 
-    m = machine()
     here = Path(__file__).resolve().parent
-    return {"cpu": m["cpu"], "cpu_family_model": m["cpu_family_model"], "cpus": m["cpus"],
-            "torch_threads": m["torch_threads"], "torch": m["torch"], "onnxruntime": m["onnxruntime"],
-            "sv_deploy": __version__, "code": code_digest(here / name for name in TIMED_MODULES)[:12]}
+    return {**cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onnxruntime": module_version("onnxruntime"), "sv_deploy": __version__,
+            "code": code_digest(here / name for name in TIMED_MODULES)[:12]}
 
 
 def entry_key(machine: Mapping, work: Mapping) -> str:
@@ -127,10 +131,19 @@ def measure(path: str, config: ModelConfig, ensemble: bool, log: Callable[[str],
     x = np.random.default_rng(0).random(TIMED_BLOCK[work["data"]], dtype=np.float32)
     seconds = {}
     for name in CHOICES:
-        _, runner = open_backend(path, name, "cpu", log=log, ensemble=ensemble)
-        seconds[name] = time_pass(_StageView(runner, stage), work["factors"], ensemble, x)
+        try:
+            _, runner = open_backend(path, name, "cpu", log=log, ensemble=ensemble)
+            seconds[name] = time_pass(_StageView(runner, stage), work["factors"], ensemble, x)
+        except Exception as exc:  # out of memory too
+            if name == "torch":
+                raise
+            raise OnnxRuntimeFailed(_first_line(exc)) from exc
         del runner
     return seconds
+
+
+class OnnxRuntimeFailed(Exception):
+    """ONNX Runtime could not export, load or run the model here; torch runs what it would."""
 
 
 class _StageView:
@@ -143,6 +156,28 @@ class _StageView:
 
     def predict(self, stage: int, x: np.ndarray) -> np.ndarray:
         return self.runner.predict(self.stage, x)
+
+
+@contextlib.contextmanager
+def _held(file: Path, log: Callable[[str], None]):
+    """One run at a time times the backends (two at once would each time the other's load, and
+    keep that): the others wait, then read its answer. Without file locks (Windows) or a folder
+    it can write, no lock."""
+    try:
+        import fcntl
+
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = open(file.with_name(file.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log("waiting for another sv-deploy run that is timing the CPU backends ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def choose(path: str, config: ModelConfig, ensemble: bool, log: Callable[[str], None],
@@ -158,16 +193,35 @@ def choose(path: str, config: ModelConfig, ensemble: bool, log: Callable[[str], 
     kept = read_choices(file)
     if key in kept:
         return kept[key]["backend"]
-    what = f"{work['data'].upper()} models {'with' if ensemble else 'without'} the ensemble"
-    log(f"timing ONNX Runtime and torch on this CPU for {what}, once (a few seconds) ...")
-    seconds = measure(path, config, ensemble, log)
-    choice = faster(seconds)
-    log(f"  one {'x'.join(map(str, TIMED_BLOCK[work['data']]))} block: ONNX Runtime {seconds['onnxruntime']:.3f} s, "
-        f"torch {seconds['torch']:.3f} s; infer runs {choice} here")
-    kept[key] = {"backend": choice, "seconds": {k: round(v, 4) for k, v in seconds.items()},
-                 "block": list(TIMED_BLOCK[work["data"]]), "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        write_choices(file, kept)
-    except OSError as exc:
-        log(f"  could not keep the choice in {file} ({exc.strerror or exc}); it is timed again next run")
+    with _held(file, log):
+        kept = read_choices(file)  # another run may have timed it meanwhile
+        if key in kept:
+            return kept[key]["backend"]
+        what = f"{work['data'].upper()} models {'with' if ensemble else 'without'} the ensemble"
+        block = "x".join(map(str, TIMED_BLOCK[work["data"]]))
+        log(f"timing ONNX Runtime and torch on this CPU for {what} on a {block} block, once (seconds to a "
+            "minute; kept for later runs) ...")
+        try:
+            seconds = measure(path, config, ensemble, log)
+        except OnnxRuntimeFailed as exc:
+            log(f"  ONNX Runtime could not run this model here ({exc}); using torch (not kept: the next run "
+                "tries again)")
+            return "torch"
+        choice = faster(seconds)
+        why = ("more than 5 % faster" if choice == "onnxruntime" else
+               "faster" if seconds["torch"] < seconds["onnxruntime"] else "within 5 %, and it needs less memory")
+        log(f"  ONNX Runtime {seconds['onnxruntime']:.3f} s, torch {seconds['torch']:.3f} s: infer runs {choice} "
+            f"here ({why})")
+        kept[key] = {"backend": choice, "seconds": {k: round(v, 4) for k, v in seconds.items()},
+                     "block": list(TIMED_BLOCK[work["data"]]),
+                     "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            write_choices(file, kept)
+        except OSError as exc:
+            log(f"  could not keep the choice in {file} ({exc.strerror or exc}); it is timed again next run")
     return choice
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]

@@ -188,6 +188,8 @@ def replicate_pad(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
     new tensor of x's layout: torch's own kernel took 6x as long on channels-last maps of few
     channels (8.6 against 1.2 ms for 6x40x136x136; BENCH.md, session 21)."""
     spatial = x.dim() - 2
+    if len(pads) != 2 * spatial or min(pads) < 0:
+        raise ValueError(f"replicate_pad takes two widths of at least 0 per spatial axis, not {tuple(pads)}")
     widths = [(pads[2 * (spatial - 1 - a)], pads[2 * (spatial - 1 - a) + 1]) for a in range(spatial)]
     shape = tuple(x.shape[:2]) + tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], widths))
     layout = torch.channels_last_3d if spatial == 3 and x.is_contiguous(memory_format=torch.channels_last_3d) \
@@ -217,7 +219,8 @@ def use_onednn(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():  # first: nothing else is traced
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))  # autocast casts F.conv3d's inputs, not this call's
 
 
 def padded_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, groups: int = 1, padding=None) -> torch.Tensor:

@@ -23,7 +23,7 @@ def test_summary_statistics():
 
 def test_fastest_backend_per_task_from_a_real_run():
     """Session 20's table (BENCH.md): on that Intel machine compiled torch was fastest on every
-    task, ONNX Runtime (infer's CPU default) second or third."""
+    task, ONNX Runtime second or third."""
     from pathlib import Path
 
     rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/session20/bench_all/bench.json")

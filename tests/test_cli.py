@@ -87,7 +87,7 @@ def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     notes = []
     chosen = choose(str(model), config, True, notes.append)
     assert notes == []  # kept by train
-    assert cache_path(sha256, folded=True).is_file() == (chosen == "onnxruntime")
+    assert chosen == "torch" or cache_path(sha256, folded=True).is_file()
     result = run("infer", model, lr_file, "-o", tmp_path / "o.ome.tif", "--bp-iters", "1", "-q")
     assert result.exit_code == 0 and f"with {chosen} (cpu" in result.stderr
     assert "export" not in result.stderr and "timing" not in result.stderr
@@ -277,6 +277,41 @@ def test_auto_backend_on_a_cpu_times_both_once_per_kind_of_run_and_keeps_the_fas
     (tmp_path / "cache" / cpu_choice.FILE).write_text("{not json")
     again = run("infer", model_file, lr_file, "-o", tmp_path / "e.ome.tif", *common)
     assert again.exit_code == 0 and "timing ONNX Runtime and torch" in again.stderr
+    # an export, --compile and a named backend run as asked, with nothing timed
+    def refuse(*args):
+        raise AssertionError("timed the backends")
+
+    monkeypatch.setattr(cpu_choice, "measure", refuse)
+    assert run("export", model_file, "-o", tmp_path / "export").exit_code == 0
+    (onnx_file,) = (tmp_path / "export").glob("*.onnx")
+    (tmp_path / "cache" / cpu_choice.FILE).unlink()
+    for extra in ([], ["--backend", "torch"], ["--compile"]):
+        model = onnx_file if not extra else model_file
+        done = run("infer", model, lr_file, "-o", tmp_path / f"x{len(extra)}.ome.tif", *common, *extra)
+        assert done.exit_code == 0 and "timing" not in done.stderr, done.stderr
+    assert not (tmp_path / "cache" / cpu_choice.FILE).exists()
+
+
+def test_auto_backend_runs_torch_where_onnxruntime_fails_and_does_not_keep_that(model_file, lr_file, tmp_path,
+                                                                                 monkeypatch):
+    """ONNX Runtime failing to load the model (its session raises, as for a graph it cannot run):
+    infer goes on with torch."""
+    import onnxruntime
+
+    from sv_deploy import cpu_choice
+
+    monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(cpu_choice.TIMED_BLOCK, "3d", (10, 48, 48))
+
+    def no_session(*args, **kwargs):
+        raise onnxruntime.capi.onnxruntime_pybind11_state.Fail("this ONNX Runtime cannot load the model")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    result = run("infer", model_file, lr_file, "-o", tmp_path / "a.ome.tif", "--tile", "8,24,24", "--bp-iters", "1",
+                 "-q", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime could not run this model here (" in result.stderr and "with torch (cpu" in result.stderr
+    assert cpu_choice.read_choices(tmp_path / "cache" / cpu_choice.FILE) == {}  # the next run tries again
 
 
 def test_onnxruntime_on_a_svmodel_caches_its_export_once(model_file, lr_file, tmp_path, monkeypatch):

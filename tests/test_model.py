@@ -111,9 +111,12 @@ def test_replicate_pad_equals_torchs_and_keeps_the_layout(shape, pads, channels_
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-@pytest.mark.parametrize("padding", ["replicate", "zeros"])
-@pytest.mark.parametrize("factors,shape", [((2, 2, 2), (1, 1, 5, 40, 40)), ((1, 2, 2), (1, 1, 1, 12, 12))])
-def test_cpu_inference_runs_every_convolution_in_onednn_with_the_modules_result(padding, factors, shape):
+@pytest.mark.parametrize("factors,shape,padding,members", [
+    ((2, 2, 2), (1, 1, 5, 40, 40), "replicate", 1), ((2, 2, 2), (1, 1, 5, 40, 40), "zeros", 1),
+    ((2, 2, 2), (1, 1, 5, 40, 40), "reflect", 1), ((2, 2, 2), (1, 1, 5, 40, 40), "circular", 1),
+    ((2, 2, 2), (1, 1, 5, 40, 40), "replicate", 3),  # grouped layers: three networks side by side
+    ((1, 2, 2), (1, 1, 1, 12, 12), "replicate", 1), ((1, 2, 2), (1, 1, 1, 12, 12), "zeros", 1)])
+def test_cpu_inference_runs_every_convolution_in_onednn_with_the_modules_result(factors, shape, padding, members):
     """A thin block (the 5-plane bead example) or a small plane, one sample a pass: torch's own
     rule sent their 3x3 layers to its slow reference kernel, several times slower."""
     import copy
@@ -123,7 +126,7 @@ def test_cpu_inference_runs_every_convolution_in_onednn_with_the_modules_result(
     from sv_deploy.backends import TorchBackend
 
     torch.manual_seed(0)
-    stage = SVStage(factors, ArchConfig(padding=padding)).eval()
+    stage = SVStage(factors, ArchConfig(padding=padding, members=members)).eval()
     for p in stage.parameters():
         p.data.normal_(0, 0.1)
     x = np.random.default_rng(0).random(shape).astype(np.float32)

@@ -475,7 +475,7 @@ def test_watch_enhances_completed_files_and_skips_bad_ones(model_file, tmp_path)
     incoming.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sv_deploy", "infer", str(model_file), "--watch", str(incoming), "-o", str(out),
-         "--settle", "1.0", "--exit-when-idle", "8", "--bp-iters", "1", "-q"],
+         "--settle", "1.0", "--exit-when-idle", "8", "--bp-iters", "1", "-q", "--backend", "onnxruntime"],  # named: no timing of backends first
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -519,7 +519,7 @@ def test_watch_reads_ahead_and_enhances_a_file_again_that_changed_after_it(model
         write_volume(incoming / f"{name}.tif", [data], data.shape, np.uint8, "ZYX", (1.0, 0.5, 0.5))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sv_deploy", "infer", str(model_file), "--watch", str(incoming), "-o", str(out),
-         "--settle", "0.5", "--exit-when-idle", "4", "--bp-iters", "1", "-q"],
+         "--settle", "0.5", "--exit-when-idle", "4", "--bp-iters", "1", "-q", "--backend", "onnxruntime"],  # named: no timing of backends first
         stderr=subprocess.PIPE, text=True,
     )
     try:
