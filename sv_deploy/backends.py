@@ -5,7 +5,7 @@ Tiling, ensemble and back-projection live in `enhance` and are shared by all bac
 
 from __future__ import annotations
 
-from typing import List, Protocol, Sequence
+from typing import Callable, List, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -199,6 +199,25 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:160]
 
 
+class ChosenOnFirstUse:
+    """The backend `choose` returns, opened when first used: timing the CPU backends (seconds, once
+    per machine and kind of run) waits until an input has passed its checks, so a bad file or
+    option fails at once."""
+
+    def __init__(self, choose: Callable[[], Backend]):
+        self._choose, self._chosen = choose, None
+
+    def _backend(self) -> Backend:
+        if self._chosen is None:
+            self._chosen = self._choose()
+        return self._chosen
+
+    def __getattr__(self, name: str):
+        if name == "tile":  # asked before any input is read; neither CPU backend brings one
+            raise AttributeError(name)
+        return getattr(self._backend(), name)
+
+
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 ENGINE_SUFFIX = ".trt.json"  # the engine manifest `sv-deploy export --engine` writes
 
@@ -250,8 +269,10 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
             from .cpu_choice import choose
             from .model_file import load_model
 
-            backend = choose(path, load_model(path)[0], ensemble, log)
-            device = "cpu"  # as timed (onnxruntime-gpu could see a GPU torch does not)
+            config = load_model(path)[0]
+            # on the CPU it was timed on (onnxruntime-gpu could see a GPU torch does not)
+            return config, ChosenOnFirstUse(
+                lambda: open_backend(path, choose(path, config, ensemble, log), "cpu", log, ensemble)[1])
     if backend == "torch":
         if kind != "svmodel":
             raise UserError(f"--backend torch runs a .svmodel file, not {path}; use --backend onnxruntime or tensorrt")

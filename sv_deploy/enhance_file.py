@@ -135,7 +135,6 @@ def enhance_file(
     # Half of what is free before the input is read: the plan counts the input itself (`plan_bytes`),
     # so measuring after reading would charge it twice and refuse volumes that fit.
     budget = max_memory or default_budget(0 if volume is None else volume.data.nbytes)
-    arch, ensemble = memory_view(runner, config, options)
     vol = volume if volume is not None else read_input(input_path, read)
     if axes_warning(vol, input_path):
         log(axes_warning(vol, input_path))
@@ -164,6 +163,7 @@ def enhance_file(
     low, high = percentiles(vol.data, config.norm)
     x = normalize(vol.data, low, high)
     read_s = time.perf_counter() - start
+    arch, ensemble = memory_view(runner, config, options)  # the runner's first use: after the input's checks
     shape = tuple(n * f for n, f in zip(x.shape, factors))
     # a GPU's network passes keep their activations on the device, not in the host budget
     device_free = getattr(runner, "free_device_memory", lambda: None)()

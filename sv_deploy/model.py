@@ -209,16 +209,17 @@ def replicate_pad(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
 
 
 def use_onednn(x: torch.Tensor) -> bool:
-    """Whether `padded_conv` calls oneDNN itself: float32 on the CPU, no autograd, not traced.
+    """Whether `padded_conv` calls oneDNN itself: float32 on the CPU, a batch of one, no autograd, not traced.
 
     For a batch of one, torch runs 3x3(x3) convolutions through its slow reference kernel when
     N*C*D*H (N*C*H*W in 2D) is at most 20480, a rule made for small 2D images that leaves out W:
-    thin stacks and small tiles (the 5-plane bead example, --max-memory blocks) ran their 6-channel
-    layers 4-10x slower (BENCH.md, session 21). Training batches are above the rule; export and
-    torch.compile keep the plain call, their own graph."""
+    thin stacks and small tiles (the 5-plane bead example, --max-memory blocks, training's pass over
+    its volume between stages) ran their 6-channel layers 4-10x slower (BENCH.md, session 21).
+    Batches (training's validation) pass torch's rule and keep the plain call, as do the export and
+    torch.compile (their own graph)."""
     if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():  # first: nothing else is traced
         return False
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and not torch.is_grad_enabled()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu"))  # autocast casts F.conv3d's inputs, not this call's
 

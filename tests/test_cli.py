@@ -86,7 +86,7 @@ def test_train_writes_a_model_with_provenance(lr_file, tmp_path):
     config, _, sha256 = load_model(model)
     notes = []
     chosen = choose(str(model), config, True, notes.append)
-    assert notes == []  # kept by train
+    assert notes == []  # kept by train, or nothing to time (no stage runs a network)
     assert chosen == "torch" or cache_path(sha256, folded=True).is_file()
     result = run("infer", model, lr_file, "-o", tmp_path / "o.ome.tif", "--bp-iters", "1", "-q")
     assert result.exit_code == 0 and f"with {chosen} (cpu" in result.stderr
@@ -252,6 +252,11 @@ def test_auto_backend_on_a_cpu_times_both_once_per_kind_of_run_and_keeps_the_fas
     monkeypatch.setenv("SV_DEPLOY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(cpu_choice.TIMED_BLOCK, "3d", (10, 48, 48))  # the real code, a smaller block
     common = ["--tile", "8,24,24", "--bp-iters", "2", "--dtype", "float32", "-q", "--device", "cpu"]
+    # a bad input fails at once, before anything is timed
+    (tmp_path / "notes.tif").write_text("not an image")
+    assert_one_line_error(run("infer", model_file, tmp_path / "notes.tif", "-o", tmp_path / "n.ome.tif", *common),
+                          "notes.tif")
+    assert not (tmp_path / "cache" / cpu_choice.FILE).exists()
     first = run("infer", model_file, lr_file, "-o", tmp_path / "a.ome.tif", *common)
     assert first.exit_code == 0, first.output
     assert "timing ONNX Runtime and torch on this CPU for 3D models with the ensemble" in first.stderr

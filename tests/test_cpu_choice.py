@@ -68,3 +68,26 @@ def _block(shape):
     import numpy as np
 
     return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+def test_runs_started_together_time_once_and_agree(model_file, tmp_path, monkeypatch):
+    """The second waits on the lock while the first times, then reads its answer."""
+    import threading
+
+    from sv_deploy.model_file import load_model
+
+    monkeypatch.setitem(cpu_choice.TIMED_BLOCK, "3d", (10, 48, 48))
+    config = load_model(model_file)[0]
+    notes, answers = [], []
+
+    def one():
+        answers.append(cpu_choice.choose(str(model_file), config, False, notes.append, folder=tmp_path))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 2 and answers[0] == answers[1] in cpu_choice.CHOICES
+    assert sum(n.startswith("timing ONNX Runtime and torch") for n in notes) == 1, notes
+    assert len(cpu_choice.read_choices(tmp_path / cpu_choice.FILE)) == 1
