@@ -199,23 +199,36 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:160]
 
 
+class BackendUnavailable(UserError):
+    """No backend could be chosen for the run: it ends the run, not one file of a batch."""
+
+
 class ChosenOnFirstUse:
-    """The backend `choose` returns, opened when first used: timing the CPU backends (seconds, once
-    per machine and kind of run) waits until an input has passed its checks, so a bad file or
-    option fails at once."""
+    """The backend `choose` returns, opened by `resolve()` or on first use: `infer` resolves it once
+    the first input has passed its checks (a bad file or option fails at once) and before the next
+    file is read ahead (which would take a core from the timing). Timing the CPU backends takes
+    seconds, once per machine and kind of run."""
 
     def __init__(self, choose: Callable[[], Backend]):
-        self._choose, self._chosen = choose, None
+        self._choose, self._chosen, self._failure = choose, None, None
 
-    def _backend(self) -> Backend:
+    def resolve(self) -> Backend:
+        if self._failure is not None:
+            raise self._failure
         if self._chosen is None:
-            self._chosen = self._choose()
+            try:
+                self._chosen = self._choose()
+            except Exception as exc:  # out of memory too
+                self._failure = BackendUnavailable(
+                    f"could not choose the CPU backend ({_first_line(exc)}); name one with --backend torch or "
+                    "--backend onnxruntime")
+                raise self._failure from exc
         return self._chosen
 
     def __getattr__(self, name: str):
-        if name == "tile":  # asked before any input is read; neither CPU backend brings one
+        if name.startswith("_") or name == "tile":  # neither CPU backend brings a tile
             raise AttributeError(name)
-        return getattr(self._backend(), name)
+        return getattr(self.resolve(), name)
 
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")

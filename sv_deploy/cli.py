@@ -385,9 +385,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
       sv-deploy infer export/stack.onnx --watch incoming/ -o enhanced/
       sv-deploy infer stack.svmodel big.tif -o big_x2.ome.tif --max-memory 2G --no-ensemble
     """
-    from .backends import open_backend
+    from .backends import BackendUnavailable, open_backend
     from .enhance import InferenceOptions
-    from .enhance_file import ReadOptions, enhance_file, output_name, read_input
+    from .enhance_file import ReadOptions, check_input, enhance_file, output_name, read_input
     from .memory import parse_size
     from .pipeline import ReadAhead
     from .volume_io import check_output_folder
@@ -426,6 +426,12 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
 
     tile = tile or getattr(runner, "tile", None)  # a TensorRT engine brings the tile it was built for
 
+    def ready(path, volume):
+        """The input's own checks, then the backend (on a CPU timed here on first use)."""
+        check_input(volume, config, path, out_dtype)
+        if hasattr(runner, "resolve"):
+            runner.resolve()
+
     def run_one(path, out, volume=None):
         result = enhance_file(runner, config, path, out, options, read, out_dtype, tile, budget, not quiet, log,
                               volume=volume)
@@ -433,7 +439,9 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
         return result
 
     if single:
-        run_one(paths[0], Path(output))
+        volume = read_input(paths[0], read)
+        ready(paths[0], volume)
+        run_one(paths[0], Path(output), volume)
         return
     outdir = Path(output)
     if watch_dir:
@@ -474,6 +482,7 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             current.append(path)
             try:
                 volume = reader.take(path)
+                ready(path, volume)  # the backend is timed before the next read starts
             finally:  # even when this one fails to read
                 if upcoming is not None and wanted(upcoming) and _may_read_ahead(upcoming, budget):
                     reader.prefetch(upcoming)  # read while this one is enhanced
@@ -483,6 +492,8 @@ def infer(model, inputs, output, ensemble, bp_iters, tile, max_memory, out_dtype
             failed[:] = [p for p in failed if p != path]  # a watched file that failed half-written, now through
             if len(done) == 1:
                 log(f"time to first output: {time.perf_counter() - start:.1f} s")
+        except BackendUnavailable:
+            raise  # no file would run
         except UserError as exc:
             fail(path, f"error: {exc}" if str(path) in str(exc) else f"error: {path}: {exc}")
         except Exception as exc:  # noqa: BLE001 - one bad acquisition must not end a batch or a watch

@@ -161,8 +161,8 @@ class _StageView:
 @contextlib.contextmanager
 def _held(file: Path, log: Callable[[str], None]):
     """One run at a time times the backends (two at once would each time the other's load, and
-    keep that): the others wait, then read its answer. Without file locks (Windows) or a folder
-    it can write, no lock."""
+    keep that): the others wait, then read its answer. Without file locks (Windows, some network
+    file systems) or a folder it can write, no lock."""
     try:
         import fcntl
 
@@ -174,9 +174,11 @@ def _held(file: Path, log: Callable[[str], None]):
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             log("waiting for another sv-deploy run that is timing the CPU backends ...")
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS without lockd): go on without
+            pass
         yield
 
 

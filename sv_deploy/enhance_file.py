@@ -115,6 +115,27 @@ def memory_view(runner, config, options):
     return replace(config.arch, members=config.arch.members * copies), False
 
 
+def check_input(vol: Volume, config: ModelConfig, input_path, out_dtype: str = "input") -> np.dtype:
+    """The output's dtype, after the checks an input must pass for this model (UserError if not)."""
+    factors = config.total_factors()
+    if vol.data.shape[0] == 1 and factors[0] != 1:  # a 2D image, or a stack of one plane
+        raise UserError(
+            f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
+            "--scale 1,F,F or on 2D data"
+        )
+    if config.axes == "YX" and vol.axes != "YX":
+        raise UserError(
+            f"the model was trained on a 2D image and enhances 2D images only, but {input_path} is a "
+            f"{'x'.join(map(str, vol.data.shape))} (z,y,x) stack; train on the stack itself (--scale 1,2,2)"
+        )
+    dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
+    if dtype.kind in "ui" and dtype.itemsize > 4:
+        raise UserError(f"{input_path} is stored as {dtype}, which OME-TIFF cannot hold; pass --dtype float32 "
+                        "(or --dtype uint16 when its values fit)")
+    check_output_dtype(vol.data, dtype, out_dtype)
+    return dtype
+
+
 @returns_freed_memory  # freed tile arrays leave the process, so the budget holds
 def enhance_file(
     runner,
@@ -139,21 +160,7 @@ def enhance_file(
     if axes_warning(vol, input_path):
         log(axes_warning(vol, input_path))
     factors = config.total_factors()
-    if vol.data.shape[0] == 1 and factors[0] != 1:  # a 2D image, or a stack of one plane
-        raise UserError(
-            f"the model scales z by {factors[0]} but {input_path} is a 2D image; use a model trained with "
-            "--scale 1,F,F or on 2D data"
-        )
-    if config.axes == "YX" and vol.axes != "YX":
-        raise UserError(
-            f"the model was trained on a 2D image and enhances 2D images only, but {input_path} is a "
-            f"{'x'.join(map(str, vol.data.shape))} (z,y,x) stack; train on the stack itself (--scale 1,2,2)"
-        )
-    dtype = vol.dtype if out_dtype == "input" else np.dtype(out_dtype)
-    if dtype.kind in "ui" and dtype.itemsize > 4:
-        raise UserError(f"{input_path} is stored as {dtype}, which OME-TIFF cannot hold; pass --dtype float32 "
-                        "(or --dtype uint16 when its values fit)")
-    check_output_dtype(vol.data, dtype, out_dtype)
+    dtype = check_input(vol, config, input_path, out_dtype)
     vol = with_training_voxel_size(vol, config, input_path, log)
     unknown = [a for a, v in zip("zyx", vol.voxel_size) if v is None and (a != "z" or vol.axes != "YX")]
     if unknown:

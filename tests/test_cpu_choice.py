@@ -91,3 +91,30 @@ def test_runs_started_together_time_once_and_agree(model_file, tmp_path, monkeyp
     assert len(answers) == 2 and answers[0] == answers[1] in cpu_choice.CHOICES
     assert sum(n.startswith("timing ONNX Runtime and torch") for n in notes) == 1, notes
     assert len(cpu_choice.read_choices(tmp_path / cpu_choice.FILE)) == 1
+
+
+def test_a_backend_chosen_on_first_use_resolves_once_and_a_failure_ends_the_run():
+    from sv_deploy.backends import BackendUnavailable, ChosenOnFirstUse, TorchBackend
+    from sv_deploy.model import SVStage
+
+    import torch
+
+    calls = []
+
+    def choose():
+        calls.append(1)
+        return TorchBackend([SVStage((2, 2, 2))], torch.device("cpu"))
+
+    lazy = ChosenOnFirstUse(choose)
+    assert getattr(lazy, "tile", None) is None and calls == []  # asked before any input: not resolved
+    assert lazy.name == "torch (cpu)" and lazy.resolve() is lazy.resolve() and calls == [1]
+
+    def fails():
+        calls.append(2)
+        raise MemoryError("no room")
+
+    broken = ChosenOnFirstUse(fails)
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable, match="could not choose the CPU backend .*--backend torch"):
+            getattr(broken, "folded_ensemble", False)  # not swallowed as a missing attribute
+    assert calls == [1, 2]  # the failure is kept, not retried per file
