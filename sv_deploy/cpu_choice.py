@@ -1,12 +1,12 @@
-"""Which backend runs a .svmodel faster on this CPU: timed once per machine and kind of model, kept.
+"""Which backend runs a .svmodel faster on this CPU: timed once per machine and kind of run, kept.
 
 The answer depends on the CPU: ONNX Runtime was 1.2-2.1x faster than torch on the 2-core AMD
 machines (BENCH.md, sessions 15-19), channels-last torch as fast or faster on an Intel one
 (sessions 20-21). So `infer --backend auto` times both on one network pass of a block the size
 infer runs, the way infer runs it (the ensemble folded into one pass for ONNX Runtime, eight
 passes for torch), and keeps the answer in the cache folder, keyed by the CPU, the thread count,
-the versions and the kind of model. Both compute the same function; their results agree to float
-rounding.
+the versions and the kind of run (2D or 3D, the ensemble, the architecture). Both compute the
+same function; their results agree to float rounding.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .config import ModelConfig
 
 CHOICES = ("onnxruntime", "torch")
 FILE = "cpu_backend.json"
-KEEP = 64  # kinds of model remembered per file; each entry is a few lines
+KEEP = 64  # kinds of run remembered per file; each entry is a few lines
 # Input voxels of the timed pass, near what infer runs on large files (up to 1 M voxels a pass): for
 # 2D a whole 1 M-pixel pass (at 512x512 the two tied, at 1024x1024 ONNX Runtime led 1.5x with the
 # ensemble; BENCH.md session 21); for 3D less, so that timing both three times takes seconds.
