@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .config import ModelConfig
+from .memory import heap_set_for_run
 
 CHOICES = ("onnxruntime", "torch")
 FILE = "cpu_backend.json"
@@ -123,8 +124,10 @@ def time_pass(runner, factors: Sequence[int], ensemble: bool, x: np.ndarray, rep
     return best
 
 
+@heap_set_for_run
 def measure(path: str, config: ModelConfig, ensemble: bool, log: Callable[[str], None]) -> Dict[str, float]:
-    """Seconds per timed block for each backend, on the model's first running stage."""
+    """Seconds per timed block for each backend, on the model's first running stage, with glibc's
+    heap set as `enhance_file` sets it without a memory limit (torch's passes depend on it)."""
     from .backends import open_backend
 
     work, stage = workload(config, ensemble), timed_stage(config)

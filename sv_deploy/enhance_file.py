@@ -20,7 +20,7 @@ from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
 from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, least_budget,
-                     returns_freed_memory)
+                     heap_set_for_run)
 from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
 from .tiling import read_overhead, total_halo
@@ -136,7 +136,7 @@ def check_input(vol: Volume, config: ModelConfig, input_path, out_dtype: str = "
     return dtype
 
 
-@returns_freed_memory  # freed tile arrays leave the process, so the budget holds
+@heap_set_for_run  # under --max-memory freed tile arrays leave the process; without, they stay for reuse
 def enhance_file(
     runner,
     config: ModelConfig,

@@ -6,6 +6,7 @@ by the output" is a number the CLI can choose and a test can check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -197,16 +198,25 @@ def may_read_ahead(file_bytes: int, available: int) -> bool:
 
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 # Where glibc's moving thresholds end on 64-bit: mmap at 32 MiB, heap trimmed above 64 MiB.
 MAX_MAP_THRESHOLD, MAX_TRIM_THRESHOLD = 32 << 20, 64 << 20
 MIN_MAP_THRESHOLD = 1 << 20
+GLIBC_MMAP_MAX = 65536  # glibc's own limit on the count of mapped blocks
+KEEP_FREED_MIN, KEEP_FREED_MAX = 64 << 20, 1 << 30
 
 
 def map_threshold(budget: int) -> int:
     """Allocation size from which glibc should map (and on freeing unmap) blocks under a memory
     limit: 1/64 of it, so what its heap keeps stays small beside the limit, between 1 and 32 MiB."""
     return int(min(MAX_MAP_THRESHOLD, max(MIN_MAP_THRESHOLD, budget // 64)))
+
+
+def keep_freed(budget: int) -> int:
+    """Freed bytes glibc may keep at the top of its heap without a memory limit, for the next
+    network pass to reuse: a quarter of the budget, 64 MiB to 1 GiB (one torch pass of the 3D
+    task's largest block churns about 0.5 GiB)."""
+    return int(min(KEEP_FREED_MAX, max(KEEP_FREED_MIN, budget // 4)))
 
 
 def _mallopt(param: int, size: int) -> bool:
@@ -216,7 +226,8 @@ def _mallopt(param: int, size: int) -> bool:
 
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    if param == M_TRIM_THRESHOLD and "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    env = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_MAX: "MALLOC_MMAP_MAX_"}.get(param)
+    if env is not None and env in os.environ:
         return False  # the user's stands
     try:
         return ctypes.CDLL("libc.so.6").mallopt(param, size) == 1
@@ -224,35 +235,63 @@ def _mallopt(param: int, size: int) -> bool:
         return False
 
 
-def returns_freed_memory(func):
-    """Under --max-memory (`max_memory`), run `func` with glibc mapping allocations of
-    `map_threshold(max_memory)` or more on their own, returned to the system when freed.
+def heap_settings(budget: Optional[int], limited: bool) -> list:
+    """(mallopt parameter, value) pairs for a run under a memory limit of `budget` bytes
+    (`limited`), for one without a limit whose budget is `budget`, or, with `budget` None, for
+    between runs (glibc's own end values; every block from 32 MiB mapped)."""
+    if budget is None:
+        return [(M_MMAP_MAX, GLIBC_MMAP_MAX), (M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)]
+    if limited:
+        threshold = map_threshold(budget)
+        return [(M_MMAP_MAX, GLIBC_MMAP_MAX), (M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, 2 * threshold)]
+    return [(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, keep_freed(budget))]
 
-    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
-    which same-sized tile arrays come from its heap and stay there when freed: one streaming run
-    grew peak RSS by 60-124 MiB against 33-36 MiB with the threshold at 1 MiB (BENCH.md, session
-    15), past a 56 MiB budget. But every mapped block costs fresh zeroed pages: at 1 MiB throughout,
-    torch's 2D full recipe took 2.3-2.8x as long and ONNX Runtime's about 1.1x (BENCH.md, session
-    18), hence a threshold scaled to the limit and none without one (then the budget is half the
-    free memory and what the heap keeps is small beside it). The setting is process-wide and glibc
-    never lets its threshold move again once set, so afterwards it is set where the moving one ends
-    (32 MiB, heap trimmed above 64 MiB): training at 1 MiB took 1.6-1.9x as long, at these settings
-    as long as before. Nothing changes where the C library is not glibc or the user set
-    MALLOC_MMAP_THRESHOLD_ (theirs stands; so does their MALLOC_TRIM_THRESHOLD_)."""
+
+_in_force: list = []  # the settings of the runs under way, innermost last
+
+
+@contextlib.contextmanager
+def heap_for(budget: Optional[int] = None, limited: bool = False):
+    """glibc's heap set for a run: under a memory limit (`limited`), blocks from `map_threshold`
+    up are mapped on their own and returned to the system when freed, so the budget holds; without
+    one (`budget` None: half the free memory), every block comes from the heap and up to
+    `keep_freed` of freed memory stays there for the next pass. Afterwards the run's caller's
+    settings, or glibc's end values.
+
+    By default glibc maps every block from 32 MiB up (and, once smaller mapped blocks were freed,
+    hands the heap back above twice their size), so each network pass paid fresh zeroed pages
+    for its feature maps: without a limit, torch's 3D full recipe took 68.5 s against 48.3 s with
+    them kept (BENCH.md, session 22). Under a limit the heap must give memory back: one streaming
+    run grew peak RSS by 60-124 MiB with glibc's moving threshold against 33-36 MiB at 1 MiB
+    (BENCH.md, session 15), past a 56 MiB budget; but every mapped block costs fresh pages (at 1
+    MiB throughout torch's 2D full recipe took 2.3-2.8x as long, BENCH.md session 18), hence a
+    threshold scaled to the limit. The settings are process-wide. Nothing changes where the C
+    library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (theirs stands; so do their
+    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_)."""
+    setting = heap_settings(budget if budget is not None else default_budget(), limited)
+    fixed = _mallopt(*setting[0])
+    if fixed:
+        for pair in setting[1:]:
+            _mallopt(*pair)
+    _in_force.append(setting if fixed else None)
+    try:
+        yield
+    finally:
+        _in_force.pop()
+        if fixed:
+            outer = next((s for s in reversed(_in_force) if s), None)
+            for pair in outer or heap_settings(None, False):
+                _mallopt(*pair)
+
+
+def heap_set_for_run(func):
+    """`func` run under `heap_for` its `max_memory` argument, where it takes one (None: no limit)."""
     signature = inspect.signature(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         budget = signature.bind(*args, **kwargs).arguments.get("max_memory")
-        threshold = map_threshold(budget) if budget else None
-        fixed = threshold is not None and _mallopt(M_MMAP_THRESHOLD, threshold)
-        if fixed:
-            _mallopt(M_TRIM_THRESHOLD, 2 * threshold)
-        try:
+        with heap_for(budget, limited=bool(budget)):
             return func(*args, **kwargs)
-        finally:
-            if fixed:
-                _mallopt(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD)
-                _mallopt(M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)
 
     return wrapper

@@ -216,24 +216,71 @@ def test_the_heap_threshold_under_a_memory_limit_scales_with_it():
     assert map_threshold(1) == 2**20
 
 
-def test_the_heap_threshold_is_fixed_only_under_a_memory_limit(monkeypatch):
-    """What `enhance_file` asks of glibc: nothing without --max-memory (mapping every block slowed
-    torch 2.6x), the scaled threshold under one, passed by position as the CLI passes it, and
-    glibc's own end values afterwards."""
+def test_the_heap_is_set_for_each_kind_of_run_and_restored_after(monkeypatch):
+    """What `enhance_file` asks of glibc: without --max-memory every block from its heap and freed
+    memory kept for the next pass (a quarter of the budget, 64 MiB to 1 GiB); under a limit the
+    scaled threshold, blocks mapped again, passed by position as the CLI passes it; afterwards the
+    settings of the run around it, else glibc's own end values."""
     from sv_deploy import memory
 
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda param, size: calls.append((param, size)) or True)
+    monkeypatch.setattr(memory, "default_budget", lambda already_read=0: 8 * 2**30)
+    T, N, K = memory.M_MMAP_THRESHOLD, memory.M_MMAP_MAX, memory.M_TRIM_THRESHOLD
+    end_values = [(N, 65536), (T, 32 * 2**20), (K, 64 * 2**20)]
 
-    @memory.returns_freed_memory
+    @memory.heap_set_for_run
     def work(path, max_memory=None):
         return list(calls)
 
-    assert work("a") == [] and calls == []
-    assert work("a", 56 * 2**20) == [(memory.M_MMAP_THRESHOLD, 2**20), (memory.M_TRIM_THRESHOLD, 2**21)]
-    assert calls[2:] == [(memory.M_MMAP_THRESHOLD, 32 * 2**20), (memory.M_TRIM_THRESHOLD, 64 * 2**20)]
+    assert work("a") == [(T, 32 * 2**20), (N, 0), (K, 2**30)]
+    assert calls[3:] == end_values
     calls.clear()
-    assert work("a", max_memory=4 * 2**30)[0] == (memory.M_MMAP_THRESHOLD, 32 * 2**20)
+    assert work("a", 56 * 2**20) == [(N, 65536), (T, 2**20), (K, 2**21)]
+    assert calls[3:] == end_values
+    calls.clear()
+    assert work("a", max_memory=4 * 2**30)[1] == (T, 32 * 2**20)
+    calls.clear()
+    with memory.heap_for(2**27):  # a small machine: the kept memory shrinks with its budget
+        assert calls == [(T, 32 * 2**20), (N, 0), (K, 64 * 2**20)]
+        work("a", 56 * 2**20)
+        assert calls[-3:] == [(T, 32 * 2**20), (N, 0), (K, 64 * 2**20)]  # the outer run's again
+    assert calls[-3:] == end_values
+
+
+def test_settings_of_glibcs_heap_keep_or_return_freed_memory():
+    """The settings do what they are for, on this process's own heap: without a limit a freed
+    96 MiB array stays in the process for the next pass to reuse; under a limit it leaves."""
+    import ctypes
+    import os
+
+    from sv_deploy import memory
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        pytest.skip("glibc's heap settings are used on Linux only, and not where the user set them")
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def left_after_freeing() -> int:
+        a = np.ones(96 * 2**20 // 8)  # touched: every page resident
+        before = resident()
+        del a
+        return before - resident()
+
+    with memory.heap_for(8 * 2**30):
+        assert left_after_freeing() < 16 * 2**20  # kept
+        kept_and_reused = resident()
+        np.ones(96 * 2**20 // 8).sum()
+        assert resident() - kept_and_reused < 16 * 2**20  # the same pages again
+    with memory.heap_for(2**30, limited=True):
+        assert left_after_freeing() > 80 * 2**20  # returned
 
 
 def test_default_budget_is_taken_before_the_input_is_read(model_file, tmp_path, monkeypatch):
