@@ -56,7 +56,7 @@ def workload(config: ModelConfig, ensemble: bool) -> Optional[dict]:
 
 # The modules whose code decides either backend's speed or how it is timed (a change times again).
 TIMED_MODULES = ("model.py", "backends.py", "ort_backend.py", "export.py", "onnx_graph.py", "shuffle_op.py",
-                 "enhance.py", "cpu_choice.py")
+                 "enhance.py", "cpu_choice.py", "memory.py")
 
 
 def machine_key() -> dict:

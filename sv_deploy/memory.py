@@ -10,8 +10,9 @@ import contextlib
 import functools
 import inspect
 import re
+import threading
 from math import ceil, prod
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .config import ArchConfig, Factors, Shape3, total_factors
 from .errors import UserError
@@ -219,35 +220,63 @@ def keep_freed(budget: int) -> int:
     return int(min(KEEP_FREED_MAX, max(KEEP_FREED_MIN, budget // 4)))
 
 
+# The user's own settings of each parameter, which stand: glibc's environment variable and tunable.
+_USER_SETTING = {
+    M_MMAP_THRESHOLD: ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    M_MMAP_MAX: ("MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max"),
+}
+
+
+def user_set(param: int, environ=None) -> bool:
+    import os
+
+    environ = os.environ if environ is None else environ
+    variable, tunable = _USER_SETTING[param]
+    return variable in environ or tunable in environ.get("GLIBC_TUNABLES", "")
+
+
 def _mallopt(param: int, size: int) -> bool:
     import ctypes
-    import os
     import sys
 
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    env = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_MAX: "MALLOC_MMAP_MAX_"}.get(param)
-    if env is not None and env in os.environ:
-        return False  # the user's stands
+    if sys.platform != "linux" or user_set(M_MMAP_THRESHOLD) or user_set(param):
+        return False  # the user's stand
     try:
         return ctypes.CDLL("libc.so.6").mallopt(param, size) == 1
     except (OSError, AttributeError):
         return False
 
 
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def heap_settings(budget: Optional[int], limited: bool) -> list:
     """(mallopt parameter, value) pairs for a run under a memory limit of `budget` bytes
     (`limited`), for one without a limit whose budget is `budget`, or, with `budget` None, for
-    between runs (glibc's own end values; every block from 32 MiB mapped)."""
+    between runs (glibc's own end values; every block from 32 MiB mapped). The threshold comes
+    first: where it cannot be set, nothing else is."""
     if budget is None:
-        return [(M_MMAP_MAX, GLIBC_MMAP_MAX), (M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)]
+        return [(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_MMAP_MAX, GLIBC_MMAP_MAX), (M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)]
     if limited:
         threshold = map_threshold(budget)
-        return [(M_MMAP_MAX, GLIBC_MMAP_MAX), (M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, 2 * threshold)]
+        return [(M_MMAP_THRESHOLD, threshold), (M_MMAP_MAX, GLIBC_MMAP_MAX), (M_TRIM_THRESHOLD, 2 * threshold)]
     return [(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, keep_freed(budget))]
 
 
-_in_force: list = []  # the settings of the runs under way, innermost last
+class _Run:
+    def __init__(self, setting: list, limited: bool):
+        self.setting, self.limited = setting, limited
+
+
+_in_force: List[_Run] = []  # the runs under way that set glibc's heap, innermost last
+_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -255,8 +284,10 @@ def heap_for(budget: Optional[int] = None, limited: bool = False):
     """glibc's heap set for a run: under a memory limit (`limited`), blocks from `map_threshold`
     up are mapped on their own and returned to the system when freed, so the budget holds; without
     one (`budget` None: half the free memory), every block comes from the heap and up to
-    `keep_freed` of freed memory stays there for the next pass. Afterwards the run's caller's
-    settings, or glibc's end values.
+    `keep_freed` of freed memory stays there for the next pass. Afterwards the settings of the
+    runs still under way (the innermost), or glibc's end values; what a run without a limit kept
+    is handed back when no run without a limit goes on (between the files of a batch or a watch
+    the process holds only what is in use).
 
     By default glibc maps every block from 32 MiB up (and, once smaller mapped blocks were freed,
     hands the heap back above twice their size), so each network pass paid fresh zeroed pages
@@ -265,23 +296,29 @@ def heap_for(budget: Optional[int] = None, limited: bool = False):
     run grew peak RSS by 60-124 MiB with glibc's moving threshold against 33-36 MiB at 1 MiB
     (BENCH.md, session 15), past a 56 MiB budget; but every mapped block costs fresh pages (at 1
     MiB throughout torch's 2D full recipe took 2.3-2.8x as long, BENCH.md session 18), hence a
-    threshold scaled to the limit. The settings are process-wide. Nothing changes where the C
-    library is not glibc or the user set MALLOC_MMAP_THRESHOLD_ (theirs stands; so do their
-    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_)."""
+    threshold scaled to the limit. The settings are process-wide: runs in several threads at once
+    each restore what is in force when they end, not each other's. Nothing changes where the C
+    library is not glibc or the user set the threshold (MALLOC_MMAP_THRESHOLD_ or its
+    GLIBC_TUNABLES entry); their trim threshold and mapped-block count stand too."""
     setting = heap_settings(budget if budget is not None else default_budget(), limited)
-    fixed = _mallopt(*setting[0])
-    if fixed:
-        for pair in setting[1:]:
+    with _lock:
+        fixed = _mallopt(*setting[0])
+        for pair in setting[1:] if fixed else ():
             _mallopt(*pair)
-    _in_force.append(setting if fixed else None)
+        run = _Run(setting, limited) if fixed else None
+        if run:
+            _in_force.append(run)
     try:
         yield
     finally:
-        _in_force.pop()
-        if fixed:
-            outer = next((s for s in reversed(_in_force) if s), None)
-            for pair in outer or heap_settings(None, False):
-                _mallopt(*pair)
+        if run:
+            with _lock:
+                _in_force.remove(run)
+                outer = _in_force[-1] if _in_force else None
+                for pair in outer.setting if outer else heap_settings(None, False):
+                    _mallopt(*pair)
+                if not limited and (outer is None or outer.limited):
+                    _malloc_trim()  # what the run kept goes back, not only the heap's top
 
 
 def heap_set_for_run(func):

@@ -256,7 +256,7 @@ def _db(reference: float, loss: float) -> float:
     return 10.0 * math.log10(reference / loss) if loss > 0 and reference > 0 else 0.0
 
 
-@heap_set_for_run  # freed memory kept for the next step: 8-12 % less time (BENCH.md, session 22)
+@heap_set_for_run  # freed memory kept for the next step: 2-12 % less time (BENCH.md, session 22)
 def train_stages(
     volume: np.ndarray,
     stages: Sequence[Factors],
