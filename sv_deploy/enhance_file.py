@@ -19,8 +19,8 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
-from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, heap_set_for_run,
-                     keep_freed, least_budget)
+from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, heap_keeps,
+                     heap_set_for_run, least_budget)
 from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
 from .tiling import read_overhead, total_halo
@@ -157,7 +157,7 @@ def enhance_file(
     # so measuring after reading would charge it twice and refuse volumes that fit.
     budget = max_memory or default_budget(0 if volume is None else volume.data.nbytes)
     if not max_memory:
-        budget -= keep_freed(budget)  # what glibc's heap may keep for the next pass (`heap_for`)
+        budget -= min(heap_keeps(), budget // 4)  # what glibc's heap may keep for the next pass (`heap_for`)
     vol = volume if volume is not None else read_input(input_path, read)
     if axes_warning(vol, input_path):
         log(axes_warning(vol, input_path))

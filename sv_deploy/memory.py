@@ -286,8 +286,8 @@ def heap_for(budget: Optional[int] = None, limited: bool = False):
     one (`budget` None: half the free memory), every block comes from the heap and up to
     `keep_freed` of freed memory stays there for the next pass. Afterwards the settings of the
     runs still under way (the innermost), or glibc's end values; what a run without a limit kept
-    is handed back when no run without a limit goes on (between the files of a batch or a watch
-    the process holds only what is in use).
+    is handed back when the run then in force has a limit, or none is (between the files of a
+    batch or a watch the process holds only what is in use).
 
     By default glibc maps every block from 32 MiB up (and, once smaller mapped blocks were freed,
     hands the heap back above twice their size), so each network pass paid fresh zeroed pages
@@ -319,6 +319,14 @@ def heap_for(budget: Optional[int] = None, limited: bool = False):
                     _mallopt(*pair)
                 if not limited and (outer is None or outer.limited):
                     _malloc_trim()  # what the run kept goes back, not only the heap's top
+
+
+def heap_keeps() -> int:
+    """Bytes of freed memory glibc's heap may keep for reuse under the run now in force: the share
+    a plan without a memory limit leaves for it (0 under a limit, off glibc, or outside a run)."""
+    with _lock:
+        run = _in_force[-1] if _in_force else None
+    return 0 if run is None or run.limited else dict(run.setting)[M_TRIM_THRESHOLD]
 
 
 def heap_set_for_run(func):

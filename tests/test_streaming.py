@@ -246,8 +246,10 @@ def test_the_heap_is_set_for_each_kind_of_run_and_restored_after(monkeypatch):
     calls.clear()
     assert work("a", max_memory=4 * 2**30)[0] == (T, 32 * 2**20)
     calls.clear()
+    assert memory.heap_keeps() == 0
     with memory.heap_for(2**27):  # a small machine: the kept memory shrinks with its budget
         assert calls == [(T, 32 * 2**20), (N, 0), (K, 64 * 2**20)]
+        assert memory.heap_keeps() == 64 * 2**20  # what the run's tile plan leaves room for
         work("a", 56 * 2**20)
         assert calls[-3:] == [(T, 32 * 2**20), (N, 0), (K, 64 * 2**20)]  # the outer run's again
         calls.clear()
@@ -256,6 +258,7 @@ def test_the_heap_is_set_for_each_kind_of_run_and_restored_after(monkeypatch):
     assert calls[-4:] == end_values + ["trim"]
     calls.clear()
     with memory.heap_for(2**30, limited=True):
+        assert memory.heap_keeps() == 0
         with pytest.raises(ValueError):
             work("a", fail=True)
         assert calls[-4:] == [(T, 16 * 2**20), (N, 65536), (K, 2**25), "trim"]  # the limit's again, trimmed
@@ -269,7 +272,7 @@ def test_the_heap_is_left_alone_where_glibc_refuses_or_the_user_set_it(monkeypat
     monkeypatch.setattr(memory, "_mallopt", lambda param, size: calls.append((param, size)) or False)
     monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append("trim"))
     with memory.heap_for(2**30):
-        assert memory._in_force == []
+        assert memory._in_force == [] and memory.heap_keeps() == 0  # nothing kept: the plan keeps its budget
     assert calls == [(memory.M_MMAP_THRESHOLD, 32 * 2**20)]  # tried the threshold, nothing more
     environ = {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.trim_threshold=1000"}
     assert memory.user_set(memory.M_TRIM_THRESHOLD, environ)
@@ -287,7 +290,7 @@ def test_every_run_without_a_limit_keeps_its_heap():
 
     wrapper = heap_set_for_run(lambda max_memory=None: None).__code__
     for func in (enhance_file, train_stages, measure):
-        assert func.__code__ is wrapper and func.__wrapped__.__module__ == func.__module__
+        assert func.__code__ is wrapper
 
 
 HEAP_PROBE = """
@@ -326,13 +329,16 @@ def test_settings_of_glibcs_heap_keep_or_return_freed_memory():
 
     from sv_deploy import memory
 
-    if not sys.platform.startswith("linux") or any(memory.user_set(p) for p in memory._USER_SETTING):
-        pytest.skip("glibc's heap settings are used on Linux only, and not where the user set them")
+    if not sys.platform.startswith("linux") or any(memory.user_set(p) for p in memory._USER_SETTING) \
+            or os.environ.get("LD_PRELOAD"):
+        pytest.skip("glibc's heap settings are used on Linux only, not where the user set them or "
+                    "preloads another allocator")
     try:
         ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         pytest.skip("not glibc")
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     kept, reused, handed_back, returned = map(int, out.stdout.split())  # MiB
     assert kept < 16 and reused < 16  # stayed, and served the next array
     assert handed_back > 80 and returned > 80
