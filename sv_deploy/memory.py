@@ -241,7 +241,7 @@ def _mallopt(param: int, size: int) -> bool:
     import sys
 
     if sys.platform != "linux" or user_set(M_MMAP_THRESHOLD) or user_set(param):
-        return False  # the user's stand
+        return False  # the user's settings stand
     try:
         return ctypes.CDLL("libc.so.6").mallopt(param, size) == 1
     except (OSError, AttributeError):
@@ -260,7 +260,8 @@ def _malloc_trim() -> None:
 def heap_settings(budget: Optional[int], limited: bool) -> list:
     """(mallopt parameter, value) pairs for a run under a memory limit of `budget` bytes
     (`limited`), for one without a limit whose budget is `budget`, or, with `budget` None, for
-    between runs (glibc's own end values; every block from 32 MiB mapped). The threshold comes
+    between runs (where glibc's moving thresholds end: once set, glibc never moves its threshold
+    again, and at 1 MiB training took 1.6-1.9x as long; BENCH.md session 15). The threshold comes
     first: where it cannot be set, nothing else is."""
     if budget is None:
         return [(M_MMAP_THRESHOLD, MAX_MAP_THRESHOLD), (M_MMAP_MAX, GLIBC_MMAP_MAX), (M_TRIM_THRESHOLD, MAX_TRIM_THRESHOLD)]
