@@ -19,7 +19,7 @@ from torch import nn
 
 from . import shuffle_op
 from .config import ArchConfig, Factors
-from .geometry import Transform, ensemble_transforms, inverse
+from .geometry import FLIPPED_AXES, Transform, ensemble_transforms, inverse
 from .resize import phase_weights
 
 
@@ -283,7 +283,7 @@ def _transformed(stage: SVStage, t: Transform) -> SVStage:
     with torch.no_grad():
         for module in out.modules():
             if isinstance(module, nn.Conv3d):  # the kernel undergoes the inverse transform (geometry.inverse)
-                w = torch.flip(module.weight, (-1,)) if flip else module.weight
+                w = torch.flip(module.weight, FLIPPED_AXES) if flip else module.weight
                 module.weight.copy_(torch.rot90(w, -turns, (-2, -1)))
         order = list(phase_order(stage.factors, t))
         out.expand.weight.copy_(out.expand.weight[order])

@@ -27,6 +27,50 @@ def test_members_are_distinct_views_of_an_asymmetric_volume():
     assert len(views) == 8
 
 
+def test_on_a_single_plane_the_members_are_the_eight_2d_views():
+    x = np.random.default_rng(1).random((1, 6, 6)).astype(np.float32)
+    views = {forward(x, t).tobytes() for t in ensemble_transforms((1, 2, 2))}
+    assert len(views) == 8
+
+
+def test_members_are_rotations_half_of_them_turning_z_over():
+    """Proper rotations (no mirror images) that keep z along z: the coordinates of a marked voxel
+    move as a rotation matrix with determinant +1 would move them."""
+    shape = (3, 5, 5)
+    turned_over = 0
+    for t in ensemble_transforms((2, 2, 2)):
+        moved = []
+        for p in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+            x = np.zeros(shape, np.float32)
+            x[1 + p[0], 2 + p[1], 2 + p[2]] = 1  # a unit step from the centre (1, 2, 2)
+            z, y, xx = np.argwhere(forward(x, t))[0]
+            moved.append((z - 1, y - 2, xx - 2))
+        m = np.array(moved).T  # columns: where the z, y and x steps went, in (z, y, x)
+        assert round(np.linalg.det(m)) == 1
+        assert abs(m[0, 0]) == 1  # z stays along z
+        turned_over += m[0, 0] == -1
+    assert turned_over == 4
+
+
+class ZLeaningUpsampler:
+    """An upsampler whose output leans one voxel towards +z (wrapping round): the error the
+    ensemble's z-turned members cancel."""
+
+    name = "leaning"
+
+    def predict(self, stage, x):
+        for axis in (2, 3, 4):
+            x = np.repeat(x, 2, axis=axis)
+        return np.roll(x, 1, axis=2)
+
+
+def test_ensemble_cancels_a_lean_in_z():
+    x = np.random.default_rng(3).random((4, 6, 6)).astype(np.float32)
+    up = x.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    averaged = predict_ensemble(ZLeaningUpsampler(), 0, x, ensemble_transforms((2, 2, 2)))
+    np.testing.assert_allclose(averaged, (np.roll(up, 1, 0) + np.roll(up, -1, 0)) / 2, atol=1e-6)
+
+
 class NearestUpsampler:
     """An equivariant 'network': with a correct ensemble every member agrees exactly."""
 
