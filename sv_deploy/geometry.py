@@ -5,8 +5,8 @@ flips z and x together). Only rotations that keep z along z are used (z is usual
 differently), and all eight are proper rotations, so half the members see z upside down: errors
 the network makes in one z direction (a sub-voxel lean of its z phases, which a x4 chain
 compounds) average out, as the quarter turns already average out those in y and x (QUALITY.md,
-session 23). On a single plane the z flip does nothing and the members are the familiar 2D eight
-(four turns, each with or without an x flip). When the y and x factors differ, a quarter turn
+session 23). For a 2D image (one plane, z factor 1) the z flip does nothing and the members are
+the familiar 2D eight (four turns, each with or without an x flip). When the y and x factors differ, a quarter turn
 would swap them, so only the 4 members without one are used.
 """
 

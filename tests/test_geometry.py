@@ -28,8 +28,11 @@ def test_members_are_distinct_views_of_an_asymmetric_volume():
 
 
 def test_on_a_single_plane_the_members_are_the_eight_2d_views():
+    """A 2D image's ensemble: the four turns, each with and without an x flip (the z flip is void)."""
     x = np.random.default_rng(1).random((1, 6, 6)).astype(np.float32)
     views = {forward(x, t).tobytes() for t in ensemble_transforms((1, 2, 2))}
+    turned = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    assert views == {v.tobytes() for v in turned} | {np.flip(v, 2).tobytes() for v in turned}
     assert len(views) == 8
 
 

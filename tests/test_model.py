@@ -158,8 +158,9 @@ def test_merged_members_output_the_mean_of_the_members(factors, groups, shape):
         assert (members[0](x) - mean).abs().max() > 1e-3  # the members really differ
 
 
-@pytest.mark.parametrize("factors, members", [((2, 2, 2), 1), ((1, 2, 2), 3), ((1, 2, 4), 1), ((3, 3, 3), 1)])
-def test_folded_ensemble_equals_the_ensemble_of_passes(factors, members):
+@pytest.mark.parametrize("factors, members, depth", [((2, 2, 2), 1, 6), ((1, 2, 2), 3, 6), ((1, 2, 4), 1, 6),
+                                                    ((3, 3, 3), 1, 6), ((1, 2, 2), 1, 1)])
+def test_folded_ensemble_equals_the_ensemble_of_passes(factors, members, depth):
     """One pass of the folded network = the mean of the network over the turned and flipped
     inputs, each turned back (the recipe's 8-way ensemble; 4-way when y and x factors differ)."""
     from sv_deploy.backends import TorchBackend
@@ -175,7 +176,7 @@ def test_folded_ensemble_equals_the_ensemble_of_passes(factors, members):
     transforms = ensemble_transforms(factors, True)
     folded = fold_ensemble(stage, transforms)
     assert folded.arch.members == members * len(transforms)
-    x = np.random.default_rng(1).random((6, 13, 11)).astype(np.float32)  # y != x: turns change the shape
+    x = np.random.default_rng(1).random((depth, 13, 11)).astype(np.float32)  # y != x: turns change the shape
     want = predict_ensemble(TorchBackend([stage], torch.device("cpu")), 0, x, transforms)
     with torch.no_grad():
         got = folded(torch.from_numpy(x)[None, None])[0, 0].numpy()
