@@ -199,6 +199,9 @@ def _csv(values) -> str:
               help="Seed; CPU runs with the same seed repeat exactly.")
 @click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=TrainConfig.ema, show_default=True,
               help="Decay of the running weight average that is validated and saved (0: the raw weights).")
+@click.option("--l1-weight", type=float,
+              help=f"Weight of an absolute-error term beside the squared error, relative to interpolation's error "
+                   f"(0: squared error alone) [default: {_FAST.l1_weight:g} fast, {_PAPER.l1_weight:g} paper].")
 @click.option("--mid-layers", type=int, default=ArchConfig.mid_layers, show_default=True, help="Grouped conv layers per stage (m).")
 @click.option("--groups", type=int, default=1, show_default=True, help="Groups of the mid conv layers (1, 2, 3 or 6).")
 @click.option("--members", type=click.IntRange(1, 8),
@@ -209,7 +212,7 @@ def _csv(values) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @with_input_options
 @friendly
-def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate, seed, ema, mid_layers, groups,
+def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate, seed, ema, l1_weight, mid_layers, groups,
           members, device, overwrite, quiet, axes, channel, time_index, series, voxel_size):
     """Train a Self-Vision model on INPUT itself (no ground truth needed).
 
@@ -240,11 +243,14 @@ def train(input_path, output, scale, recipe, steps, batch, patch, learning_rate,
         raise UserError(f"--ema {ema} must be a number from 0 to below 1, e.g. 0.99")
     if any(v is not None and not 0 < v < math.inf for v in (steps, batch, learning_rate)):
         raise UserError("--steps, --batch and --lr must be positive (and --lr finite, e.g. 1e-3)")
+    if l1_weight is not None and not 0 <= l1_weight < math.inf:
+        raise UserError(f"--l1-weight {l1_weight} must be a number >= 0, e.g. {_FAST.l1_weight:g} (0: squared error alone)")
     vol = _read(input_path, axes, channel, time_index, series, voxel_size)
     factors = parse_scale(scale, is_2d=vol.axes == "YX")
     stages = split_stages(factors)
     cfg = TrainConfig.paper(seed) if recipe == "paper" else TrainConfig(seed=seed)
-    overrides = {k: v for k, v in dict(steps=steps, batch=batch, patch=patch, lr=learning_rate).items() if v is not None}
+    overrides = {k: v for k, v in dict(steps=steps, batch=batch, patch=patch, lr=learning_rate,
+                                       l1_weight=l1_weight).items() if v is not None}
     cfg = dataclasses.replace(cfg, ema=ema, **overrides)
     if vol.axes == "YX":
         cfg = dataclasses.replace(cfg, patch=(1, cfg.patch[1], cfg.patch[2]))

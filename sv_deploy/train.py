@@ -95,6 +95,16 @@ def make_pairs(hr: np.ndarray, factors: Factors) -> Tuple[torch.Tensor, torch.Te
     return torch.from_numpy(lr[:, None]), torch.from_numpy(hr[:, None])
 
 
+def training_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """Squared error plus `l1_weight` times absolute error. The squared error's pull on a residual
+    fades with its size, the absolute error's does not, so residuals under `l1_weight / 2` are
+    pulled to zero mostly by the second term; `_fit_member` sets the weight from interpolation's
+    error, which makes that threshold the same fraction of it on every volume."""
+    d = pred - target
+    loss = torch.mean(d * d)
+    return loss + l1_weight * torch.mean(d.abs()) if l1_weight else loss
+
+
 def _mse(stage: SVStage, lr: torch.Tensor, hr: torch.Tensor, chunk: int, fn=None, bp_factors=None) -> float:
     """Mean squared error of `fn` (the stage) on pairs; with `bp_factors`, after back-projection with
     inference's default iterations, the baseline a network must beat to add anything (`evaluate`
@@ -203,13 +213,14 @@ def _fit_member(train_vol, patch, val, factors, arch, cfg, seed, rng, device, pr
     opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.01)
     interp_loss = _mse(stage, val_lr, val_hr, cfg.batch, stage.interpolate)
+    l1_weight = cfg.l1_weight * math.sqrt(interp_loss)  # in the units of the normalized residual
     best_loss, best_step, best_state = _mse(stage, val_lr, val_hr, cfg.batch), 0, copy.deepcopy(stage.state_dict())
     train_loss = float("nan")
     bar = progress_bar(cfg.steps, label, "step", progress)
     for step in range(1, cfg.steps + 1):
         patches = sample_patches(train_vol, patch, cfg.batch, rng, turns=factors[1] == factors[2])
         lr_t, hr_t = (cpu_layout(t.to(device), device) for t in make_pairs(patches, factors))
-        loss = torch.mean((stage(lr_t) - hr_t) ** 2)
+        loss = training_loss(stage(lr_t), hr_t, l1_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

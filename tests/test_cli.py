@@ -608,7 +608,7 @@ def test_outputs_under_a_file_or_with_too_long_a_name_are_refused_before_any_wor
 def test_training_numbers_that_are_not_finite_or_out_of_range_are_one_line(lr_file, tmp_path):
     model = tmp_path / "m.svmodel"
     for args in (("--lr", "nan"), ("--lr", "inf"), ("--ema", "nan"), ("--seed", "-1"), ("--seed", str(2**70)),
-                 ("--scale", "2,")):
+                 ("--scale", "2,"), ("--l1-weight", "-0.1"), ("--l1-weight", "nan")):
         result = run("train", lr_file, "-o", model, "--steps", "1", *args)
         assert_one_line_error(result, args[0])
         assert result.exit_code == 2 and "training on" not in result.stderr

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sv_deploy.config import ArchConfig, ModelConfig
+from sv_deploy.config import ArchConfig, ModelConfig, TrainConfig
 from sv_deploy.model import SVStage, count_parameters, pixel_shuffle_3d
 from sv_deploy.resize import upsample
 
@@ -31,6 +31,14 @@ def test_untrained_stage_is_cubic_interpolation_up_to_the_border(factors, shape)
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     got = stage(torch.from_numpy(x)[None, None])[0, 0].detach().numpy()
     np.testing.assert_allclose(got, upsample(x, factors), atol=2e-6)
+
+
+def test_older_model_files_read_as_trained_with_squared_error_alone():
+    data = json.loads(ModelConfig(stages=((2, 2, 2),)).to_json())
+    assert data["train"]["l1_weight"] == TrainConfig().l1_weight > 0
+    del data["train"]["l1_weight"]
+    assert ModelConfig.from_json(json.dumps(data)).train.l1_weight == 0.0
+    assert TrainConfig.paper().l1_weight == 0.0  # the paper's loss
 
 
 def test_replicate_border_of_older_model_files_is_kept():

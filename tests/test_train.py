@@ -12,7 +12,7 @@ from sv_deploy.metrics import score
 from sv_deploy.model import SVStage
 from sv_deploy.normalize import normalize
 from sv_deploy.resize import upsample
-from sv_deploy.train import _average_into, fit_patch, holdout_split, sample_patches, train_stage
+from sv_deploy.train import _average_into, fit_patch, holdout_split, sample_patches, train_stage, training_loss
 
 
 def test_short_real_training_lowers_the_loss_and_beats_tricubic(trained_small, flybrain_pair):
@@ -103,6 +103,20 @@ def test_a_stage_that_learns_nothing_is_exactly_interpolation(flybrain_pair):
     without = enhance_volume(Spy([stage], torch.device("cpu")), [(2, 2, 2)], ArchConfig(), volume, skipped)
     assert not calls
     np.testing.assert_allclose(without, with_net, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight, best", [(0.0, 0.1), (0.1, 0.06), (0.5, 0.0)])
+def test_absolute_error_term_pulls_a_sparse_target_toward_its_background(weight, best):
+    """The constant best fitting 90 % zeros and 10 % ones: their mean under squared error alone,
+    0.1 - 0.4 w with the term (the derivative 2 (c - 0.1) + w (0.9 - 0.1) is zero there), and the
+    background itself once w reaches 0.25."""
+    from scipy.optimize import minimize_scalar
+
+    target = torch.zeros(1, 1, 2, 5, 10)
+    target.view(-1)[::10] = 1.0
+    got = minimize_scalar(lambda c: float(training_loss(torch.full_like(target, c), target, weight)),
+                          bounds=(-1.0, 2.0), method="bounded", options={"xatol": 1e-7})
+    assert got.x == pytest.approx(best, abs=1e-5)
 
 
 def test_weight_average_update():
