@@ -101,7 +101,7 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float) ->
     pulled to zero mostly by the second term; `_fit_member` sets the weight from interpolation's
     error, which makes that threshold the same fraction of it on every volume."""
     d = pred - target
-    loss = torch.mean(d**2)  # not d * d: the same value, but gradients summed in another order
+    loss = torch.mean(d**2)  # not d * d (another gradient summation order): old runs repeat bit for bit
     return loss + l1_weight * torch.mean(d.abs()) if l1_weight else loss
 
 

@@ -615,6 +615,19 @@ def test_training_numbers_that_are_not_finite_or_out_of_range_are_one_line(lr_fi
     assert not model.exists()
 
 
+def test_the_loss_weight_asked_for_is_the_one_saved_and_the_paper_recipe_keeps_squared_error(lr_file, tmp_path):
+    from sv_deploy.config import TrainConfig
+    from sv_deploy.model_file import load_model
+
+    model = tmp_path / "m.svmodel"
+    for extra, expected in (((), TrainConfig().l1_weight), (("--recipe", "paper"), 0.0),
+                            (("--recipe", "paper", "--l1-weight", "0.5"), 0.5)):
+        result = run("train", lr_file, "-o", model, "--steps", "1", "--batch", "1", "--members", "1",
+                     "--patch", "8,32,32", "-q", "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        assert load_model(model)[0].train.l1_weight == expected, extra
+
+
 def test_infer_takes_the_training_voxel_size_where_the_input_gives_none(lr_file, tmp_path):
     plain = tmp_path / "my stack.tif"  # no resolution tags, no ImageJ or OME metadata
     tifffile.imwrite(plain, read_volume(lr_file).data, photometric="minisblack")

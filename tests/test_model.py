@@ -39,6 +39,9 @@ def test_older_model_files_read_as_trained_with_squared_error_alone():
     del data["train"]["l1_weight"]
     assert ModelConfig.from_json(json.dumps(data)).train.l1_weight == 0.0
     assert TrainConfig.paper().l1_weight == 0.0  # the paper's loss
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="l1_weight"):
+            TrainConfig(l1_weight=bad)
 
 
 def test_replicate_border_of_older_model_files_is_kept():
