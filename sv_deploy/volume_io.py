@@ -23,7 +23,10 @@ from .errors import UserError
 _reading = threading.local()  # the complaints tifffile logs while this thread reads a file
 # Signs in them that a file ends before its pages do or that its pages do not fill its own
 # metadata: tifffile then reads what it can (often just the first plane) without raising.
-INCOMPLETE_SIGNS = ("invalid page offset", "metadata invalid or corrupted", "failed to reshape")
+# A tag's value past the end of the file is the same sign: OME-TIFF keeps its XML (which says
+# what the axes are) last, so a copy one byte short reads as a plain stack of every plane.
+INCOMPLETE_SIGNS = ("invalid page offset", "metadata invalid or corrupted", "failed to reshape",
+                    "invalid value offset")
 
 
 class _Complaints(logging.Handler):
@@ -207,8 +210,12 @@ def _pick_series(tif: tifffile.TiffFile, series: Optional[int], path: Path):
 def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
     """Refuse a file that ends before its data does, or whose pages fall short of its metadata: a
     stack still being written, or cut off in a copy, would otherwise read as its first planes."""
-    signs = [c.split("> ")[-1] for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)]
+    signs = [c.split("> ")[-1].rstrip("')") for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)]
     sign = f"tifffile: {signs[0]}" if signs else None
+    if sign is None and series is not None and (not series.shape or not series.size):
+        sign = "no complete image in it yet"  # its first page's tags are not written yet
+    elif sign is None and series is not None and _metadata_pending(path, series):
+        sign = "its metadata is not written yet"
     if sign is None and series is not None:
         if series.dataoffset is not None:  # contiguous data: one block
             ends = [series.dataoffset + series.nbytes]
@@ -221,6 +228,18 @@ def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
     if sign is not None:
         raise UserError(f"{path} is incomplete or damaged ({sign}); if it is still being "
                         "written, wait until it is complete, else copy or export it again")
+
+
+def _metadata_pending(path: Path, series) -> bool:
+    """A description of null bytes only, reserved for metadata written when the file is closed
+    (tifffile's OME-TIFF writer), with more pixels in the file than its pages describe yet: it
+    would read as its first plane."""
+    page = series.pages[0] if series.pages else None
+    tag = page.tags.get(270) if page is not None else None
+    if tag is None or not isinstance(tag.value, str) or tag.value.strip("\0 "):
+        return False
+    unread = path.stat().st_size - (series.dataoffset or 0) - series.nbytes
+    return series.dataoffset is not None and unread >= page.nbytes
 
 
 def _check_fits_memory(path: Path, series) -> None:

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import tifffile
@@ -85,25 +87,58 @@ def test_a_tiled_output_that_fails_or_does_not_fit_the_disk_leaves_no_file(tmp_p
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("kind", ["imagej", "ome", "plain", "zlib"])
-@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+@pytest.mark.parametrize("kind", ["imagej", "ome", "ome_czyx", "plain", "zlib"])
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95, "all but 1 byte"])
 def test_a_file_cut_short_is_refused_or_read_whole(tmp_path, kind, keep):
     """A stack still being written or cut off in a copy: tifffile reads what it can of it (often only
-    the first plane, as a 2D image) and says so only in its log. Either the reader refuses it, or the
-    data it returns is the whole stack (the cut fell after the pixels)."""
-    data = np.random.default_rng(1).integers(0, 4000, (6, 20, 20)).astype(np.uint16)
-    options = {"imagej": dict(imagej=True, metadata={"axes": "ZYX"}), "ome": dict(ome=True, metadata={"axes": "ZYX"}),
-               "plain": {}, "zlib": dict(compression="zlib")}[kind]
+    the first plane, as a 2D image; an OME-TIFF without its XML, which comes last, as every plane of
+    every channel in one stack) and says so only in its log. Either the reader refuses it, or the
+    data it returns is the whole stack (the cut fell after the pixels) with its voxel size."""
+    shape = (2, 6, 20, 20) if kind == "ome_czyx" else (6, 20, 20)
+    data = np.random.default_rng(1).integers(0, 4000, shape).astype(np.uint16)
+    axes = "CZYX" if kind == "ome_czyx" else "ZYX"
+    ome = dict(ome=True, metadata={"axes": axes, "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.5})
+    options = {"imagej": dict(imagej=True, metadata={"axes": axes, "spacing": 0.5}, resolution=(5, 5)),
+               "ome": ome, "ome_czyx": ome, "plain": {}, "zlib": dict(compression="zlib")}[kind]
     whole = tmp_path / "whole.tif"
     tifffile.imwrite(whole, data, **options)
+    size = whole.stat().st_size
     cut = tmp_path / "cut.tif"
-    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * keep)])
+    cut.write_bytes(whole.read_bytes()[:size - 1 if keep == "all but 1 byte" else int(size * keep)])
     try:
-        got = read_volume(cut)
+        got = read_volume(cut, channel=1 if kind == "ome_czyx" else None)
     except UserError as exc:
         assert "incomplete or damaged" in str(exc) and "\n" not in str(exc)
     else:
-        assert keep > 0.5 and np.array_equal(got.data, data)
+        assert keep not in (0.3, 0.6) and np.array_equal(got.data, data[1] if kind == "ome_czyx" else data)
+        assert got.voxel_size == read_volume(whole, channel=1 if kind == "ome_czyx" else None).voxel_size
+
+
+@pytest.mark.parametrize("kind", ["ome", "imagej", "shaped"])
+def test_a_file_copied_while_its_writer_is_still_writing_is_refused_or_read_whole(tmp_path, kind):
+    """tifffile writes a stack's first page's tags, and an OME-TIFF's XML, only as it goes or when
+    the file is closed; a copy taken before then must not read as nothing or as its first plane."""
+    data = np.random.default_rng(2).integers(0, 4000, (8, 24, 24)).astype(np.uint16)
+    path = tmp_path / "live.tif"
+    with tifffile.TiffWriter(path, **{kind: True} if kind != "shaped" else {}) as writer:
+        def planes():
+            for i, plane in enumerate(data):
+                if i == 4:
+                    writer.filehandle.flush()
+                    shutil.copy(path, tmp_path / "mid.tif")
+                yield plane
+        writer.write(planes(), shape=data.shape, dtype=data.dtype, metadata={"axes": "ZYX"})
+        writer.filehandle.flush()
+        shutil.copy(path, tmp_path / "unclosed.tif")
+    with pytest.raises(UserError, match=r"mid.tif is incomplete or damaged \(no complete image in it yet\)"):
+        read_volume(tmp_path / "mid.tif")
+    try:
+        got = read_volume(tmp_path / "unclosed.tif")
+    except UserError as exc:
+        assert kind == "ome" and "unclosed.tif is incomplete or damaged (its metadata is not written yet)" in str(exc)
+    else:
+        assert kind != "ome" and np.array_equal(got.data, data)
+    assert np.array_equal(read_volume(path).data, data)
 
 
 def test_scaled_voxel_size_divides_each_axis():
