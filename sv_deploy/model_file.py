@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
 
 from .config import ModelConfig
@@ -48,8 +48,8 @@ def save_model(path: os.PathLike | str, config: ModelConfig, stages: List[SVStag
     config_json = config.to_json()
     digest = _checksum(config_json, tensors)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_json, "sha256": digest}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_output(path) as tmp:  # bytes written by Python, so a full disk is an OSError
+        tmp.write_bytes(save(tensors, metadata=metadata))
     return digest
 
 

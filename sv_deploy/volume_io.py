@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -384,6 +386,15 @@ def check_output_folder(path: os.PathLike | str) -> Path:
     return path
 
 
+def _no_room(exc: OSError) -> Optional[str]:
+    """What stopped a write the disk could not hold (full, a quota, a file-size limit), or None."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return exc.strerror
+    if exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(exc)):  # numpy's short write
+        return "the disk took only part of it: it is full, or a limit on file size was met"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary name beside `path`; rename onto it only if the block finishes.
@@ -405,6 +416,12 @@ def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        why = _no_room(exc)
+        if why:  # else it names no file, or only the temporary one
+            raise UserError(f"{path} could not be written ({why}); free space on that disk or write it to "
+                            "another disk") from None
+        raise
     finally:
         try:
             tmp.unlink(missing_ok=True)

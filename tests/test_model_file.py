@@ -88,3 +88,34 @@ def test_a_config_out_of_range_is_refused_before_a_network_is_built(model_file, 
     save_file(tensors, str(crafted), metadata={**meta, "config": config, "sha256": _checksum(config, tensors)})
     with pytest.raises(UserError, match=words):
         load_model(crafted)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="file-size limits (RLIMIT_FSIZE) are POSIX")
+def test_a_model_or_volume_the_disk_cannot_hold_is_one_clear_error_and_no_file(tmp_path):
+    """A full disk, a quota or a file-size limit, met after all the training: one line naming the
+    file and the fix, not a traceback from the writer, and nothing at the name (here a limit of
+    16 kB, which a run under `ulimit -f` meets the way a full disk is met)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys, numpy as np\n"
+        "from sv_deploy.config import ModelConfig\nfrom sv_deploy.model import SVStage\n"
+        "from sv_deploy.model_file import save_model\nfrom sv_deploy.volume_io import write_volume\n"
+        "from sv_deploy.errors import UserError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "for write in (lambda: save_model(sys.argv[1] + '/m.svmodel', ModelConfig(stages=((2, 2, 2),)),"
+        " [SVStage((2, 2, 2))]),\n"
+        "              lambda: write_volume(sys.argv[1] + '/v.ome.tif', [np.ones((8, 64, 64), np.uint16)],"
+        " (8, 64, 64), np.uint16, 'ZYX', (1.0, 1.0, 1.0))):\n"
+        "    try:\n        write()\n    except UserError as exc:\n        print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2, run.stdout
+    for line, name in zip(lines, ("m.svmodel", "v.ome.tif")):
+        assert line.startswith(f"{tmp_path / name} could not be written ("), line
+        assert line.endswith("free space on that disk or write it to another disk"), line
+    assert not list(tmp_path.iterdir())
