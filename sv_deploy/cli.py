@@ -30,8 +30,11 @@ def _fail(message: str, code: int = 2) -> None:
 _STOPPED_BY = [2, "interrupted"]  # SIGINT's number; `_stop_cleanly_on_termination` records others
 
 
-def friendly(func):
-    """One clear line and a non-zero exit for bad input, Ctrl-C and out-of-memory; no tracebacks."""
+def friendly(func=None, *, stopped: str = "the output in progress was not written"):
+    """One clear line and a non-zero exit for bad input, Ctrl-C and out-of-memory; no tracebacks.
+    `stopped`: what Ctrl-C leaves behind, said after it."""
+    if func is None:
+        return functools.partial(friendly, stopped=stopped)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -41,7 +44,7 @@ def friendly(func):
             _fail(str(exc))
         except KeyboardInterrupt:
             # Every partial output is gone by now (removed while unwinding).
-            _leave_stopped("the output in progress was not written")
+            _leave_stopped(stopped)
         except MemoryError:
             _fail("out of memory; use a smaller --tile (or --batch when training)", 3)
         except OSError as exc:  # a full disk or a share gone away mid-write (partial outputs are removed)
@@ -642,7 +645,7 @@ def _expand(inputs) -> list:
 @click.option("--series", type=click.IntRange(0), help="Image series of REFERENCE and --lowres when they hold several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (scores that are infinite, "
               "for identical volumes, are null).")
-@friendly
+@friendly(stopped="nothing was written")
 def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index, series, as_json):
     """Score OUTPUT against REFERENCE (PSNR, 3D SSIM, NRMSE), beside tricubic baselines.
 
@@ -877,7 +880,7 @@ def bench(outdir, quick, runs, min_seconds, only, select, inputs, model, no_trai
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@friendly
+@friendly(stopped="nothing was written")
 def info(model):
     """Show a model's configuration and training provenance (JSON): a .svmodel, its .onnx export
     (both checked against their checksum first) or a TensorRT engine manifest (.trt.json).

@@ -47,6 +47,7 @@ _tifffile_log.addHandler(_Complaints())
 
 VoxelSize = Tuple[Optional[float], Optional[float], Optional[float]]
 UNKNOWN: VoxelSize = (None, None, None)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 BIGTIFF_BYTES = 2**31  # switch to BigTIFF well before classic TIFF's 4 GiB limit
 
 _UNIT_TO_UM = {
@@ -152,7 +153,10 @@ def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[
         if index is None:
             if size > 1:
                 what = "channels" if name == "C" else "time points"
-                raise UserError(f"the image has {size} {what} (axes {axes}); pick one with {option} N (0..{size - 1})")
+                stack = (f"; if they are the planes of a z-stack, read them as one with --axes {axes.replace(name, 'Z')}"
+                         if "Z" not in axes and not given else "")
+                raise UserError(f"the image has {size} {what} (axes {axes}); pick one with {option} N "
+                                f"(0..{size - 1}){stack}")
             index = 0
         if not 0 <= index < size:
             raise UserError(f"{option} {index} is out of range: axis {name} has {size} entries (0..{size - 1})")
@@ -164,9 +168,15 @@ def _select(data: np.ndarray, axes: str, channel: Optional[int], time: Optional[
     if axes not in ("ZYX", "YX"):
         raise UserError(
             f"cannot interpret axes '{axes}' (shape {data.shape}); give the file's axes with --axes, "
-            "e.g. --axes ZYX, CZYX or TZCYX"
+            f"e.g. {_axes_examples(data.ndim)}"
         )
     return data, axes
+
+
+def _axes_examples(ndim: int) -> str:
+    """--axes values that fit an array of `ndim` dimensions."""
+    return {2: "--axes YX", 3: "--axes ZYX or CYX", 4: "--axes CZYX, ZCYX or TZYX",
+            5: "--axes TZCYX or TCZYX"}.get(ndim, "--axes ZYX, CZYX or TZCYX")
 
 
 def _guess_axes(tif_axes: str, ndim: int) -> str:
@@ -185,7 +195,7 @@ def _guess_axes(tif_axes: str, ndim: int) -> str:
     if any(a in "QIS" for a in axes):
         raise UserError(
             f"the axes of this {ndim}D image are ambiguous (tifffile reads '{tif_axes}'); "
-            "say what they are with --axes, e.g. --axes ZYX, CZYX or TZCYX"
+            f"say what they are with --axes, e.g. {_axes_examples(ndim)}"
         )
     return axes
 
@@ -274,12 +284,15 @@ def read_volume(
     if not path.is_file():  # a pipe or a device would block or never end
         raise UserError(f"{path} is not a regular file; give a TIFF file")
     _reading.complaints = complaints = []
+    decoding = False
     try:
         with tifffile.TiffFile(path) as tif:
             index, chosen = _pick_series(tif, series, path)
             _check_complete(path, chosen, complaints)
             _check_fits_memory(path, chosen)
+            decoding = True
             data = chosen.asarray()
+            decoding = False
             tif_axes = chosen.axes
             voxel = _read_voxel_size(tif, index, chosen.keyframe)
     except OSError as exc:
@@ -288,6 +301,8 @@ def read_volume(
         raise
     except Exception as exc:  # noqa: BLE001 - tifffile's and its codecs' errors on damaged data have no common base
         _check_complete(path, None, complaints)
+        if decoding:  # a TIFF whose pixels do not decode: damaged, not the wrong kind of file
+            raise UserError(f"{path} is damaged: its pixels cannot be decoded ({exc}); copy or export it again") from None
         raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
     finally:
         _reading.complaints = None
@@ -309,6 +324,10 @@ def read_volume(
             raise UserError(
                 f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) and try again"
             )
+        top = float(np.abs(data).max())
+        if top > FLOAT32_MAX:  # the network computes in 32-bit floats: these would become Inf
+            raise UserError(f"{path} holds values up to {top:.3g}, beyond what 32-bit floats hold "
+                            f"({FLOAT32_MAX:.3g}); rescale it (divide by a constant) and try again")
     return Volume(np.ascontiguousarray(data), axes, voxel, source_axes,
                   declared if given and declared and declared != given else "")
 
@@ -354,10 +373,10 @@ TEMP_NAME_EXTRA = 32  # what `atomic_output` adds to a name (".", ".partial-", p
 def check_output_path(path: os.PathLike | str, overwrite: bool) -> Path:
     """Refuse, before any work, an output that could not be written where it is named."""
     path = Path(path)
+    if path.is_dir():  # --overwrite would not help
+        raise UserError(f"{path} is a directory; give a file name for the output")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another name or pass --overwrite")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give a file name for the output")
     if not path.parent.exists():
         raise UserError(f"the folder {path.parent} does not exist; create it first")
     check_output_folder(path.parent)

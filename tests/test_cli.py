@@ -141,6 +141,21 @@ def bad_inputs(tmp_path):
     tifffile.imwrite(files["truncated"], np.random.default_rng(0).integers(0, 100, (8, 32, 32)).astype(np.uint16),
                      imagej=True, metadata={"axes": "ZYX"})
     files["truncated"].write_bytes(files["truncated"].read_bytes()[:9000])
+    files["ome_cut"] = tmp_path / "cut.ome.tif"  # OME-TIFF keeps its XML last: without it, channels read as z
+    tifffile.imwrite(files["ome_cut"], np.random.default_rng(0).integers(0, 100, (2, 8, 32, 32)).astype(np.uint16),
+                     ome=True, metadata={"axes": "CZYX"})
+    files["ome_cut"].write_bytes(files["ome_cut"].read_bytes()[:-1])
+    files["damaged"] = tmp_path / "damaged.tif"  # compressed pixels that no longer decode
+    tifffile.imwrite(files["damaged"], np.random.default_rng(0).integers(0, 100, (8, 32, 32)).astype(np.uint16),
+                     compression="zlib")
+    raw = bytearray(files["damaged"].read_bytes())
+    raw[300:340] = bytes(40)
+    files["damaged"].write_bytes(bytes(raw))
+    files["frames"] = tmp_path / "frames.tif"  # a z-stack an acquisition program saved as a time series
+    tifffile.imwrite(files["frames"], np.random.default_rng(0).integers(0, 100, (8, 32, 32)).astype(np.uint16),
+                     imagej=True, metadata={"axes": "TYX"})
+    files["huge"] = tmp_path / "huge.tif"
+    tifffile.imwrite(files["huge"], np.random.default_rng(0).random((8, 32, 32)) * 1e300, photometric="minisblack")
     files["tiny"] = tmp_path / "tiny.tif"
     tifffile.imwrite(files["tiny"], np.random.default_rng(0).integers(0, 100, (2, 12, 12)).astype(np.uint16))
     return files
@@ -155,6 +170,10 @@ def bad_inputs(tmp_path):
         ("nan", ["NaN/Inf"]),
         ("constant", ["constant"]),
         ("truncated", ["incomplete or damaged", "wait until it is complete"]),
+        ("ome_cut", ["incomplete or damaged", "invalid value offset"]),
+        ("damaged", ["is damaged: its pixels cannot be decoded", "copy or export it again"]),
+        ("frames", ["8 time points", "--time N", "--axes ZYX"]),
+        ("huge", ["beyond what 32-bit floats hold", "rescale it"]),
     ],
 )
 def test_bad_volumes_give_one_line_and_no_output(key, words, bad_inputs, model_file, tmp_path):
@@ -178,6 +197,11 @@ def test_existing_output_is_kept_without_overwrite(model_file, lr_file, tmp_path
     out.write_bytes(b"precious")
     assert_one_line_error(run("infer", model_file, lr_file, "-o", out), "--overwrite")
     assert out.read_bytes() == b"precious"
+    folder = tmp_path / "named like a model.svmodel"
+    folder.mkdir()
+    for overwrite in ([], ["--overwrite"]):  # not first asked for --overwrite, which cannot help
+        assert_one_line_error(run("train", lr_file, "-o", folder, *overwrite), f"{folder} is a directory")
+    assert folder.is_dir() and not list(folder.iterdir())
 
 
 def test_model_that_is_not_ours_or_edited(model_file, lr_file, tmp_path):
