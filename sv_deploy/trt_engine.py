@@ -283,9 +283,9 @@ class TensorRTBackend:
     def __init__(self, manifest_path: Union[str, Path]):
         import torch
 
-        trt = require_tensorrt()
         path = Path(manifest_path)
-        self.manifest = read_manifest(path)
+        self.manifest = read_manifest(path)  # first: a file that is not ours is that, TensorRT or not
+        trt = require_tensorrt()
         gpu_name, capability = _gpu()
         check_compatible(self.manifest, trt.__version__, gpu_name, capability, where=str(path),
                          driver_ptx_limit=_driver_ptx_limit())

@@ -571,7 +571,7 @@ def test_compile_is_refused_where_it_does_not_apply(model_file, lr_file, tmp_pat
     assert not out.exists()
 
 
-def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_path):
+def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, lr_file, tmp_path):
 
     from sv_deploy.model_file import read_header
     from sv_deploy.trt_plan import EngineManifest, stage_profiles
@@ -593,6 +593,10 @@ def test_info_reads_an_engine_manifest_and_refuses_other_json(model_file, tmp_pa
     other = tmp_path / "notes.json"
     other.write_text('{"hello": 1}')
     assert_one_line_error(run("info", other), "not an sv-deploy engine manifest")
+    named = tmp_path / "notes.trt.json"  # infer says so too, before it looks for TensorRT
+    named.write_text('{"hello": 1}')
+    assert_one_line_error(run("infer", named, lr_file, "-o", tmp_path / "o.ome.tif"), "not an sv-deploy engine manifest")
+    assert not (tmp_path / "o.ome.tif").exists()
 
 
 def test_an_export_onnx_runtime_cannot_run_is_one_error_line(model_file, lr_file, tmp_path):
