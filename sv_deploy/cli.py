@@ -41,7 +41,7 @@ def friendly(func=None, *, stopped: str = "the output in progress was not writte
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            _fail(str(exc))
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             # Every partial output is gone by now (removed while unwinding).
             _leave_stopped(stopped)

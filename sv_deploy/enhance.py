@@ -16,7 +16,7 @@ from .errors import UserError
 from .geometry import ensemble_transforms, forward, inverse
 from .progress import progress_bar
 from .resize import downsample, round_trip, upsample, upsample_add
-from .tiling import Tile, block_core, plan_tiles, stage_bp_iters, to_slices, total_halo
+from .tiling import Tile, block_core, block_reads, plan_tiles, stage_bp_iters, to_slices, total_halo
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,14 @@ def iter_tiles(
     halo = total_halo(stages, arch, options.bp_iters)
     tiles = plan_tiles(volume.shape, options.tile, halo, total_factors(stages))
     folded = check_folded(backend, options)
-    bar = progress_bar(sum(tile_work(t, stages, options, folded) for t in tiles), "enhance", "vox", progress,
+    bar = progress_bar(sum(tile_work(t, stages, options, folded, arch.halo()) for t in tiles), "enhance", "vox", progress,
                        unit_scale=True)
     counting = _Counting(backend, bar)
     try:
         done = 0
         for tile in tiles:
             margins = tuple((c0 - r0, r1 - c1) for (r0, r1), (c0, c1) in zip(tile.read, tile.core))
-            counting.limit = done + tile_work(tile, stages, options, folded)
+            counting.limit = done + tile_work(tile, stages, options, folded, arch.halo())
             block = enhance_block(counting, stages, arch, volume[to_slices(tile.read)], options, value_range, margins)
             core = finish(block) if finish else block
             del block
@@ -185,14 +185,18 @@ def iter_tiles(
         bar.close()
 
 
-def tile_work(tile: Tile, stages: Sequence[Factors], options: InferenceOptions, folded: bool = False) -> int:
-    """Voxels the network reads for a tile, about (each stage on the whole read region): the unit of
-    the progress bar, which a volume in one tile would otherwise leave at 0/1 until the end."""
-    voxels, total = int(np.prod([r1 - r0 for r0, r1 in tile.read])), 0
+def tile_work(tile: Tile, stages: Sequence[Factors], options: InferenceOptions, folded: bool = False,
+              halo: int = 0) -> int:
+    """Voxels the network reads for a tile, about (each stage on the whole read region), with each
+    pass's own `halo` where passes are smaller than a stage's input: the unit of the progress bar,
+    which a volume in one tile would otherwise leave at 0/1 until the end (and which, counting
+    passes without their halos, would stand at 100 % while small passes go on)."""
+    shape, total = [r1 - r0 for r0, r1 in tile.read], 0
     for i, factors in enumerate(stages):
         if i not in options.interpolate:
-            total += voxels * len(ensemble_transforms(factors, options.ensemble and not folded))
-        voxels *= int(np.prod(factors))
+            passes = len(ensemble_transforms(factors, options.ensemble and not folded))
+            total += block_reads(tuple(shape), halo, options.block) * passes
+        shape = [n * f for n, f in zip(shape, factors)]
     return total
 
 

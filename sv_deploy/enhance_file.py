@@ -19,8 +19,8 @@ from .config import ModelConfig
 from .enhance import InferenceOptions, iter_tiles
 from .errors import UserError
 from .geometry import ensemble_transforms
-from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, heap_keeps,
-                     heap_set_for_run, least_budget)
+from .memory import (MIN_BLOCK_VOXELS, TileDoesNotFit, choose_block, choose_tile, default_budget, format_size,
+                     heap_keeps, heap_set_for_run, least_budget, plan_bytes)
 from .normalize import check_output_dtype, denormalize, normalize, output_bounds, percentiles, valid_range
 from .pipeline import write_behind
 from .tiling import read_overhead, total_halo
@@ -136,6 +136,22 @@ def check_input(vol: Volume, config: ModelConfig, input_path, out_dtype: str = "
     return dtype
 
 
+def check_tile_fits(tile, budget: int, shape, config: ModelConfig, arch, options: InferenceOptions, ensemble: bool,
+                    out_itemsize: int, device_free: Optional[int]) -> None:
+    """Refuse a --tile that --max-memory cannot hold: its plan over the budget, or network passes so
+    small (under `MIN_BLOCK_VOXELS`) that each one's halo leaves next to nothing of it to keep."""
+    need = plan_bytes(shape, tile, config.stages, arch, options.bp_iters, ensemble, out_itemsize,
+                      max(options.block, MIN_BLOCK_VOXELS), on_device=device_free is not None)
+    named = f"--tile {'x'.join(map(str, tile))}"
+    if need > budget:
+        raise UserError(f"{named} needs about {format_size(need)} of working memory, more than the "
+                        f"{format_size(budget)} --max-memory allows; use a smaller --tile, or leave --tile out to "
+                        "size it from --max-memory")
+    if options.block < MIN_BLOCK_VOXELS:
+        raise UserError(f"--max-memory {format_size(budget)} leaves network passes of {options.block:,} voxels, too "
+                        f"few to get through {named} at a useful speed; raise --max-memory, or leave --tile out")
+
+
 @heap_set_for_run  # under --max-memory freed tile arrays leave the process; without, they stay for reuse
 def enhance_file(
     runner,
@@ -189,6 +205,8 @@ def enhance_file(
             need = least_budget(x.shape, config.stages, arch, options.bp_iters, ensemble, dtype.itemsize, device_free)
             raise TileDoesNotFit(budget, need, options.ensemble, options.bp_iters) from None
     else:
+        if max_memory:  # a tile given with a limit must keep to it, or the run crawls past it
+            check_tile_fits(tile, budget, x.shape, config, arch, options, ensemble, dtype.itemsize, device_free)
         overhead = read_overhead(x.shape, tile, total_halo(config.stages, arch, options.bp_iters))
         if overhead > TILE_OVERHEAD_WARNING:
             log(f"warning: tile {'x'.join(map(str, tile))} is small beside the network's halo: each voxel is read "

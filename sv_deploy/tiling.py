@@ -120,5 +120,14 @@ def block_core(shape: Shape3, halo: int, max_read: int) -> Shape3:
     return (int(cands[0][i]), int(cands[1][j]), int(cands[2][k]))
 
 
+def block_reads(shape: Shape3, halo: int, max_read: int) -> int:
+    """Voxels the network passes over a block of `shape` read in all (`enhance.predict_blocks`):
+    the block itself when one pass holds it, else every sub-block's core and halo."""
+    if max_read <= 0 or int(np.prod(shape)) <= max_read:
+        return int(np.prod(shape))
+    core = block_core(shape, halo, max_read)
+    return int(np.prod([_computed(n, c, halo) for n, c in zip(shape, core)]))
+
+
 def to_slices(spans: Sequence[Span]) -> Tuple[slice, ...]:
     return tuple(slice(s, e) for s, e in spans)

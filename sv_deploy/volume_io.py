@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import tifffile
 
-from .errors import UserError
+from .errors import NoRoom, UserError
 
 _reading = threading.local()  # the complaints tifffile logs while this thread reads a file
 # Signs in them that a file ends before its pages do or that its pages do not fill its own
@@ -438,8 +438,8 @@ def atomic_output(path: os.PathLike | str) -> Iterator[Path]:
     except OSError as exc:
         why = _no_room(exc)
         if why:  # else it names no file, or only the temporary one
-            raise UserError(f"{path} could not be written ({why}); free space on that disk or write it to "
-                            "another disk") from None
+            raise NoRoom(f"{path} could not be written ({why}); free space on that disk or write it to "
+                         "another disk") from None
         raise
     finally:
         try:

@@ -556,6 +556,11 @@ def test_a_missing_voxel_size_is_reported_and_can_be_given(model_file, tmp_path,
 def test_memory_and_voxel_size_options_are_checked(model_file, lr_file, tmp_path):
     out = tmp_path / "o.ome.tif"
     assert_one_line_error(run("infer", model_file, lr_file, "-o", out, "--max-memory", "0"), "more than 0")
+    # a tile given beside a limit keeps to it, or the run would crawl through passes of a few voxels
+    assert_one_line_error(run("infer", model_file, lr_file, "-o", out, "--tile", "16,64,64", "--max-memory", "10M", "--backend", "torch"),
+                          "--tile 16x64x64 needs about", "more than the 10.0 MiB --max-memory allows")
+    assert run("infer", model_file, lr_file, "-o", out, "--tile", "16,64,64", "--max-memory", "1G", "-q").exit_code == 0
+    out.unlink()
     result = run("infer", model_file, lr_file, "-o", out, "--voxel-size", "nan,1,1")
     assert result.exit_code == 2 and "three positive numbers" in result.output and "0.5,0.1,0.1" in result.output
     assert not out.exists()

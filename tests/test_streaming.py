@@ -180,6 +180,12 @@ def test_progress_counts_the_network_passes_of_a_single_tile():
     counting.limit = 10**9
     enhance_block(counting, [(2, 2, 2)], ArchConfig(), volume, InferenceOptions(bp_iters=0))
     assert bar.n == tile_work(tile, [(2, 2, 2)], InferenceOptions()) == 8 * volume.size  # one pass per ensemble member
+    # passes smaller than the tile each read their own halo: counted, so the bar reaches its end
+    # when the last pass does, not while small passes go on
+    small = InferenceOptions(bp_iters=0, block=600)
+    bar.n = 0
+    enhance_block(counting, [(2, 2, 2)], ArchConfig(), volume, small)
+    assert bar.n == tile_work(tile, [(2, 2, 2)], small, halo=ArchConfig().halo()) > 8 * volume.size
 
 
 def test_sizes_and_names():
@@ -530,7 +536,8 @@ def test_a_disk_that_fills_while_writing_ends_in_one_line_and_no_file(model_file
     monkeypatch.setattr(vio.RegionWriter, "write", full)
     result = run("infer", model_file, src, "-o", tmp_path / "o.ome.tif", "-q")
     assert result.exit_code == 4 and "Traceback" not in result.output
-    assert result.stderr.strip().splitlines()[-1] == "error: No space left on device"
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'o.ome.tif'} could not be written (No space "
+                                                      "left on device); free space on that disk or write it to another disk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acq.tif"]
 
 
