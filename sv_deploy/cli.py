@@ -668,6 +668,9 @@ def evaluate(output_path, reference, lowres, bp_iters, axes, channel, time_index
     ref_vol = read_given(reference)
     check_not_constant(ref_vol, str(reference), "a reference needs a data range to score against")
     out = read_volume(output_path).data
+    if out.min() == out.max():  # scored all the same (its gain matched to 0), but worth a look
+        click.echo(f"warning: {output_path} is constant (every voxel {out.flat[0]}): its scores are those of a blank "
+                   "volume; was the enhancement written in full?", err=True)
     lr_vol = read_given(lowres) if lowres else None
     lr = lr_vol.data if lr_vol is not None else None
     if lr_vol is not None:

@@ -186,6 +186,10 @@ class ModelConfig:
                 for r in self.provenance.stages), "provenance: stage gains must be numbers"),
             (len(self.norm_values) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v)
                                                    for v in self.norm_values), f"norm_values {self.norm_values}"),
+            (not all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in
+                     (self.norm.low_percentile, self.norm.high_percentile))
+             or not 0 <= self.norm.low_percentile < self.norm.high_percentile <= 100,
+             f"norm percentiles {self.norm.low_percentile}, {self.norm.high_percentile}: 0 <= low < high <= 100"),
         ]
         wrong = [why for bad, why in problems if bad]
         if wrong:

@@ -307,10 +307,14 @@ def read_volume(
     finally:
         _reading.complaints = None
     declared = "" if any(a in "QIS" for a in tif_axes.upper()) else tif_axes.upper()  # what the file itself says
-    given = _check_axes_option(axes.upper(), data.shape) if axes is not None else ""
-    axes = given or _guess_axes(tif_axes, data.ndim)
-    source_axes = axes
-    data, axes = _select(data, axes, channel, time, given)
+    try:
+        given = _check_axes_option(axes.upper(), data.shape) if axes is not None else ""
+        axes = source_axes = given or _guess_axes(tif_axes, data.ndim)
+        data, axes = _select(data, axes, channel, time, given)
+    except UserError as exc:  # which file: evaluate and batches read several
+        raise UserError(f"{path}: {exc}") from None
+    if axes == "ZYX" and data.shape[0] == 1:  # one plane is an image, whatever the file calls it
+        data, axes = data[0], "YX"
     if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
         raise UserError(f"{path}: pixel type {data.dtype} is not supported; use integer or float images")
     if data.dtype == np.float16:

@@ -538,6 +538,12 @@ def test_evaluate_reads_axes_and_refuses_a_constant_reference(lr_file, tmp_path,
     flat = tmp_path / "flat.tif"
     tifffile.imwrite(flat, np.full(flybrain_crop.shape, 9, np.uint8))
     assert_one_line_error(run("evaluate", lr_file, flat), "constant")
+    blank = run("evaluate", flat, out, "--json")  # a blank output is scored, with a warning
+    assert blank.exit_code == 0 and json.loads(blank.stdout)["rows"][0]["matched"]["psnr"] > 0
+    assert f"warning: {flat} is constant (every voxel 9)" in blank.stderr
+    assert "warning" not in run("evaluate", out, ref, "--axes", "CZYX", "--channel", "1").stderr
+    # which file it is whose axes are not known, when --axes reads the other files
+    assert_one_line_error(run("evaluate", ref, out), f"{ref}: the axes of this 4D image are ambiguous")
 
 
 def test_a_missing_voxel_size_is_reported_and_can_be_given(model_file, tmp_path, flybrain_crop):

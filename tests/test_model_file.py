@@ -71,6 +71,7 @@ def test_a_model_file_is_readable_like_any_new_file(tmp_path):
     ({"stages": []}, "1 to 4 stages"),
     ({"arch": None}, "config cannot be read"),
     ({"axes": "Q"}, "ZYX or YX"),
+    ({"norm": {"low_percentile": 1.0, "high_percentile": 500}}, "0 <= low < high <= 100"),
 ])
 def test_a_config_out_of_range_is_refused_before_a_network_is_built(model_file, tmp_path, edit, words):
     """The checksum is not a signature: a config edited and the checksum recomputed must still be

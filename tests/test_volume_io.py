@@ -326,3 +326,16 @@ def test_files_others_can_write_are_told_apart(tmp_path):
     assert not written_only_by_me(mine)
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
     assert not written_only_by_me(tmp_path / "link")
+
+
+@pytest.mark.parametrize("options", [{}, dict(imagej=True, metadata={"axes": "ZYX", "spacing": 0.5, "unit": "um"},
+                                              resolution=(10, 10))])
+def test_a_stack_of_one_plane_is_an_image(tmp_path, options):
+    """A single z-plane saved as a stack (1xYxX) is a 2D image: a 2D model enhances it, a 3D model
+    calls it one, and its lateral voxel size is kept."""
+    plane = np.random.default_rng(3).integers(0, 999, (24, 32)).astype(np.uint16)
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, plane[None], **options)
+    vol = read_volume(path)
+    assert vol.axes == "YX" and vol.data.shape == (1, 24, 32) and np.array_equal(vol.data[0], plane)
+    assert vol.voxel_size == ((None, pytest.approx(0.1), pytest.approx(0.1)) if options else (None, None, None))
