@@ -319,9 +319,13 @@ def open_backend(path: str, backend: str = "auto", device: str = "auto", log=pri
     if backend == "tensorrt":
         if kind != "engine":
             source = path if kind == "svmodel" else "MODEL.svmodel"  # engines are built from the .svmodel
+            import importlib.util
+
+            first = ("" if importlib.util.find_spec("tensorrt") else
+                     "install TensorRT from NVIDIA's package index (see the README), then ")
             raise UserError(
-                f"--backend tensorrt runs an engine; build one with 'sv-deploy export {source} -o DIR --engine' "
-                f"and pass its {ENGINE_SUFFIX} manifest"
+                f"--backend tensorrt runs an engine; {first}build one with 'sv-deploy export {source} -o DIR "
+                f"--engine' and pass its {ENGINE_SUFFIX} manifest"
             )
         from .trt_engine import TensorRTBackend
 

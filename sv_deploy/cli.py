@@ -129,6 +129,10 @@ class _OneLineErrors(click.Group):
                 click.echo(exc.ctx.get_help())
                 sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx is not None else "sv-deploy"
+            if exc.ctx is None or exc.ctx.command is self:  # an option's missing value: not the group's fault
+                given = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
+                sub = next((a for a in given if a in self.commands), None)
+                where = f"{where} {sub}" if sub and exc.ctx is not None else f"sv-deploy {sub}" if sub else where
             _fail(f"{exc.format_message().rstrip('.')} (see '{where} --help')", exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
@@ -780,7 +784,8 @@ def export(model, outdir, precision, engine, plugin, tile, bp_iters, overwrite):
     engine_only = [o for o, v in (("--tile", tile), ("--bp-iters", bp_iters), ("--plugin/--no-plugin", plugin))
                    if v is not None]
     if engine_only and not engine:
-        raise UserError(f"{' and '.join(engine_only)} only apply to TensorRT engines: add --engine, or leave them out")
+        verb = "applies" if len(engine_only) == 1 else "apply"
+        raise UserError(f"{' and '.join(engine_only)} only {verb} to TensorRT engines: add --engine, or leave them out")
     plugin = True if plugin is None else plugin
     bp_iters = 10 if bp_iters is None else bp_iters
     src = Path(model)

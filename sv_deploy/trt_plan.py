@@ -200,7 +200,7 @@ class EngineManifest:
         raises ValueError here, not an AttributeError somewhere later."""
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError("not an sv-deploy TensorRT engine manifest")
+            raise ValueError(f"its \"format\" is not {MANIFEST_FORMAT!r}")
         data["engines"] = _typed(data.get("engines"), str, "engines")
         data["profiles"] = tuple(Profile(*(_typed(p[k], int, f"profiles {k}", 5) for k in ("min", "opt", "max")))
                                  for p in _typed(data.get("profiles"), dict, "profiles"))

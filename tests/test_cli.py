@@ -119,6 +119,8 @@ def test_option_and_argument_errors_are_one_line_too(tmp_path):
                           "--tile", "three positive numbers", "infer --help")
     assert_one_line_error(run("infer"), "Missing argument 'MODEL'")
     assert_one_line_error(run("train", "x.tif", "--steps", "many"), "--steps", "train --help")
+    assert_one_line_error(run("infer", "m.svmodel", "x.tif", "-o"), "'-o' requires an argument",
+                          "(see 'sv-deploy infer --help')")
     assert_one_line_error(run("infer", "m.svmodel", "x.tif", "-o", "y.tif", "--settle", "3"),
                           "--settle only applies with --watch")
     assert run("--version").exit_code == 0 and run("infer", "--help").exit_code == 0
@@ -579,6 +581,17 @@ def test_compile_is_refused_where_it_does_not_apply(model_file, lr_file, tmp_pat
     assert run("export", model_file, "-o", tmp_path / "export").exit_code == 0
     onnx = next((tmp_path / "export").glob("*.onnx"))
     assert_one_line_error(run("infer", onnx, lr_file, "-o", out, "--compile"), "--compile", onnx.name)
+    assert not out.exists()
+
+
+def test_backend_tensorrt_on_a_model_file_says_how_to_get_an_engine(model_file, lr_file, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "o.ome.tif"
+    result = run("infer", model_file, lr_file, "-o", out, "--backend", "tensorrt")
+    assert_one_line_error(result, "--backend tensorrt runs an engine", f"sv-deploy export {model_file} -o DIR --engine")
+    installed = importlib.util.find_spec("tensorrt") is not None
+    assert ("install TensorRT from NVIDIA's package index" in result.stderr) is not installed
     assert not out.exists()
 
 

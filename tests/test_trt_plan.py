@@ -195,9 +195,9 @@ def test_manifest_round_trips_through_json():
     assert EngineManifest.from_json(json.dumps(older)).ptx_isa is None
     with pytest.raises(ValueError, match="ptx_isa"):
         EngineManifest.from_json(json.dumps({**older, "ptx_isa": "8.7"}))
-    with pytest.raises(ValueError, match="not an sv-deploy"):
+    with pytest.raises(ValueError, match='its "format" is not'):
         EngineManifest.from_json('{"format": "other"}')
-    for bad, field in (([1, 2], "not an sv-deploy"), ({"engines": "abc"}, "engines"), ({"compute_capability": "9.0"},
+    for bad, field in (([1, 2], "is not"), ({"engines": "abc"}, "engines"), ({"compute_capability": "9.0"},
                        "compute_capability"), ({"plugin": "no"}, "plugin"), ({"config": {}}, "config"),
                        ({"tile": [8, 16]}, "tile")):
         text = json.dumps(bad if isinstance(bad, list) else {**json.loads(manifest.to_json()), **bad})
