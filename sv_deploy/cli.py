@@ -129,10 +129,9 @@ class _OneLineErrors(click.Group):
                 click.echo(exc.ctx.get_help())
                 sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx is not None else "sv-deploy"
-            if exc.ctx is None or exc.ctx.command is self:  # an option's missing value: not the group's fault
-                given = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
-                sub = next((a for a in given if a in self.commands), None)
-                where = f"{where} {sub}" if sub and exc.ctx is not None else f"sv-deploy {sub}" if sub else where
+            given = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
+            if (exc.ctx is None or exc.ctx.command is self) and given and given[0] in self.commands:
+                where = f"sv-deploy {given[0]}"  # a subcommand's option without its value: that command's help
             _fail(f"{exc.format_message().rstrip('.')} (see '{where} --help')", exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)

@@ -148,8 +148,9 @@ def check_tile_fits(tile, budget: int, shape, config: ModelConfig, arch, options
                         f"{format_size(budget)} --max-memory allows; use a smaller --tile, or leave --tile out to "
                         "size it from --max-memory")
     if options.block < MIN_BLOCK_VOXELS:
-        raise UserError(f"--max-memory {format_size(budget)} leaves network passes of {options.block:,} voxels, too "
-                        f"few to get through {named} at a useful speed; raise --max-memory, or leave --tile out")
+        where = "the GPU's free memory" if device_free is not None else f"--max-memory {format_size(budget)}"
+        raise UserError(f"{where} leaves network passes of {options.block:,} voxels, too few to get through {named} "
+                        "at a useful speed; raise --max-memory or free memory")
 
 
 @heap_set_for_run  # under --max-memory freed tile arrays leave the process; without, they stay for reuse

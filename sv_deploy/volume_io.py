@@ -25,10 +25,19 @@ from .errors import NoRoom, UserError
 _reading = threading.local()  # the complaints tifffile logs while this thread reads a file
 # Signs in them that a file ends before its pages do or that its pages do not fill its own
 # metadata: tifffile then reads what it can (often just the first plane) without raising.
-# A tag's value past the end of the file is the same sign: OME-TIFF keeps its XML (which says
-# what the axes are) last, so a copy one byte short reads as a plain stack of every plane.
-INCOMPLETE_SIGNS = ("invalid page offset", "metadata invalid or corrupted", "failed to reshape",
-                    "invalid value offset")
+INCOMPLETE_SIGNS = ("invalid page offset", "metadata invalid or corrupted", "failed to reshape")
+# So is the value of a tag that decides the reading past the end of the file: OME-TIFF keeps its XML
+# (ImageDescription, which says the axes) last, so a copy one byte short reads as a plain stack of
+# every plane. Other tags (private, EXIF) left broken by an editing tool do not matter.
+_READING_TAGS = {270, 273, 279, 324, 325, 50838, 50839}  # description, strips, tiles, ImageJ metadata
+_VALUE_OFFSET = re.compile(r"TiffTag (\d+) @\d+> invalid value offset|invalid value offset \d+ for tag #(\d+)")
+
+
+def _incomplete_sign(complaint: str) -> bool:
+    found = _VALUE_OFFSET.search(complaint)
+    if found:
+        return int(found.group(1) or found.group(2)) in _READING_TAGS
+    return any(s in complaint for s in INCOMPLETE_SIGNS)
 
 
 class _Complaints(logging.Handler):
@@ -222,7 +231,7 @@ def _pick_series(tif: tifffile.TiffFile, series: Optional[int], path: Path):
 def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
     """Refuse a file that ends before its data does, or whose pages fall short of its metadata: a
     stack still being written, or cut off in a copy, would otherwise read as its first planes."""
-    signs = [c.split("> ")[-1].rstrip("')") for c in complaints if any(s in c for s in INCOMPLETE_SIGNS)]
+    signs = [c.split("> ")[-1].removesuffix("')") for c in complaints if _incomplete_sign(c)]
     sign = f"tifffile: {signs[0]}" if signs else None
     if sign is None and series is not None and (not series.shape or not series.size):
         sign = "no complete image in it yet"  # its first page's tags are not written yet
@@ -243,12 +252,14 @@ def _check_complete(path: Path, series, complaints: Sequence[str]) -> None:
 
 
 def _metadata_pending(path: Path, series) -> bool:
-    """A description of null bytes only, reserved for metadata written when the file is closed
-    (tifffile's OME-TIFF writer), with more pixels in the file than its pages describe yet: it
-    would read as its first plane."""
-    page = series.pages[0] if series.pages else None
+    """tifffile's OME-TIFF writer before the file is closed: one page, its description the null bytes
+    reserved for the XML written at the end, and more pixels in the file than that page: it would
+    read as its first plane."""
+    page = series.pages[0] if len(series.pages) == 1 else None
     tag = page.tags.get(270) if page is not None else None
-    if tag is None or not isinstance(tag.value, str) or tag.value.strip("\0 "):
+    software = page.tags.get(305) if page is not None else None
+    if (tag is None or tag.count != 4 or tag.value.strip("\0") or software is None
+            or not str(software.value).startswith("tifffile")):
         return False
     unread = path.stat().st_size - (series.dataoffset or 0) - series.nbytes
     return series.dataoffset is not None and unread >= page.nbytes
@@ -301,6 +312,9 @@ def read_volume(
         raise
     except Exception as exc:  # noqa: BLE001 - tifffile's and its codecs' errors on damaged data have no common base
         _check_complete(path, None, complaints)
+        if decoding and ("not supported" in str(exc) or "imagecodecs" in str(exc)):
+            raise UserError(f"{path} is compressed in a way this reader cannot decode ({exc}); save it "
+                            "uncompressed or with zlib or LZW compression") from None
         if decoding:  # a TIFF whose pixels do not decode: damaged, not the wrong kind of file
             raise UserError(f"{path} is damaged: its pixels cannot be decoded ({exc}); copy or export it again") from None
         raise UserError(f"{path} is not a readable TIFF file ({exc}); give a .tif/.tiff volume") from None
@@ -328,7 +342,7 @@ def read_volume(
             raise UserError(
                 f"{path} contains {int(bad.sum())} NaN/Inf voxels; replace them (e.g. with 0) and try again"
             )
-        top = float(np.abs(data).max())
+        top = max(float(data.max()), -float(data.min())) if data.dtype.itemsize == 8 else 0.0
         if top > FLOAT32_MAX:  # the network computes in 32-bit floats: these would become Inf
             raise UserError(f"{path} holds values up to {top:.3g}, beyond what 32-bit floats hold "
                             f"({FLOAT32_MAX:.3g}); rescale it (divide by a constant) and try again")

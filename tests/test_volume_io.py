@@ -339,3 +339,36 @@ def test_a_stack_of_one_plane_is_an_image(tmp_path, options):
     vol = read_volume(path)
     assert vol.axes == "YX" and vol.data.shape == (1, 24, 32) and np.array_equal(vol.data[0], plane)
     assert vol.voxel_size == ((None, pytest.approx(0.1), pytest.approx(0.1)) if options else (None, None, None))
+
+
+def test_valid_files_with_oddities_are_read_not_called_incomplete(tmp_path):
+    """The checks for cut-short and half-written files must not refuse valid ones: a private tag
+    an editing tool left pointing past the end, an empty description with a second series after
+    the first; a compression this reader lacks is named as that, not as damage."""
+    import struct
+
+    data = np.random.default_rng(4).integers(0, 999, (8, 32, 32)).astype(np.uint16)
+    private = tmp_path / "private.tif"
+    tifffile.imwrite(private, data, extratags=[(65000, "s", 0, "x" * 100, True)])
+    raw = bytearray(private.read_bytes())
+    with tifffile.TiffFile(private) as tif:
+        entry = tif.pages[0].tags[65000].offset
+    struct.pack_into("<I", raw, entry + 8, len(raw) + 1000)  # the value's offset, past the end
+    private.write_bytes(bytes(raw))
+    assert np.array_equal(read_volume(private).data, data)
+    for description in ("", " "):
+        two = tmp_path / "two.tif"
+        with tifffile.TiffWriter(two) as writer:
+            writer.write(data, description=description, metadata=None, contiguous=True)
+            writer.write(data[:3, :24, :24], metadata=None, contiguous=True, photometric="minisblack")
+        assert np.array_equal(read_volume(two, series=0).data, data)
+    packed = tmp_path / "packed.tif"
+    tifffile.imwrite(packed, data, compression="zlib")
+    raw = bytearray(packed.read_bytes())
+    with tifffile.TiffFile(packed) as tif:
+        entries = [page.tags[259].offset for page in tif.pages]
+    for entry in entries:
+        struct.pack_into("<H", raw, entry + 8, 34676)  # SGILOG: a codec this reader does not have
+    packed.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="compressed in a way this reader cannot decode .*; save it uncompressed"):
+        read_volume(packed)
